@@ -1,0 +1,84 @@
+"""The experiment config's shape, its defaults, and `validate`, which runs before anything compiles.
+
+Experiment files in experiments/ start from `base_config()` and change only what differs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from chameleon_jax.model.config import REMAT_POLICIES, ModelConfig
+from chameleon_jax.model.sharding import MESH_AXES, mesh_shape
+
+CHAMELEON_IMAGE_IDS = (4, 4 + 8192)  # image codes are ids 4..8195 (spec §4.7)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=65_536, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=0,
+        ffn_dim=0, ffn_multiple_of=256, ffn_multiplier=1.0, qk_norm_groups=1, block_order="prenorm",
+        rope_theta=10_000.0, norm_eps=1e-5, dropout=0.0, init_std=0.02, scan_layers=True,
+        remat="none", dtype="float32", param_dtype="float32"))
+    c.loss = ml_collections.ConfigDict(dict(image_ids=CHAMELEON_IMAGE_IDS, z_loss_weight=1e-5))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        peak_lr=1e-4, warmup_steps=4000, decay="exponential", final_lr_fraction=0.01,
+        b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip_norm=1.0))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = ml_collections.ConfigDict()  # overrides of model.sharding.DEFAULT_RULES
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000, batch_size=8, seq_len=4096, seed=0, log_every=50, eval_every=0,
+        max_bad_steps=10))
+    c.attention = ml_collections.ConfigDict(dict(kernel="dot_product", block_size=1))
+    return c
+
+
+def validate(config, num_devices: int | None = None) -> ModelConfig:
+    """Checks the config and returns the ModelConfig; every error says how to fix it."""
+    m = ModelConfig.from_config(config.model)
+    errors = []
+    if m.n_heads % m.n_kv_heads:
+        errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                      f"GQA needs an integer number of query heads per kv head.")
+    if m.n_heads % m.qk_norm_groups or m.n_kv_heads % m.qk_norm_groups:
+        errors.append(f"model.qk_norm_groups={m.qk_norm_groups} must divide n_heads={m.n_heads} and "
+                      f"n_kv_heads={m.n_kv_heads}.")
+    if m.head_dim % 2:
+        errors.append(f"head_dim={m.head_dim} must be even for rotary embeddings.")
+    if m.block_order not in ("prenorm", "swin"):
+        errors.append(f"model.block_order={m.block_order!r}; choose 'prenorm' (7B) or 'swin' (34B).")
+    if m.remat not in REMAT_POLICIES:
+        errors.append(f"model.remat={m.remat!r}; choose one of {REMAT_POLICIES}.")
+    if not 0.0 <= m.dropout < 1.0:
+        errors.append(f"model.dropout={m.dropout} must be in [0, 1).")
+    start, stop = config.loss.image_ids
+    if not 0 <= start <= stop <= m.vocab_size:
+        errors.append(f"loss.image_ids={tuple(config.loss.image_ids)} must lie within the vocab "
+                      f"(0..{m.vocab_size}).")
+    block = int(config.attention.get("block_size", 1))
+    if config.train.seq_len % block:
+        errors.append(f"train.seq_len={config.train.seq_len} is not a multiple of the attention "
+                      f"kernel's block size ({block}); use a multiple of {block}.")
+    if num_devices is not None:
+        try:
+            data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
+        except ValueError as e:
+            errors.append(str(e))
+        else:
+            for name, n in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads)):
+                if n % tensor:
+                    ok = [d for d in range(1, n + 1) if n % d == 0 and num_devices % d == 0]
+                    errors.append(f"model.{name}={n} is not divisible by the tensor axis ({tensor}); "
+                                  f"pick mesh.tensor in {ok}.")
+            if m.ffn_dim % tensor or m.vocab_size % tensor:
+                errors.append(f"ffn_dim={m.ffn_dim} and vocab_size={m.vocab_size} must be divisible by "
+                              f"the tensor axis ({tensor}).")
+            if config.train.batch_size % (data * fsdp):
+                errors.append(f"train.batch_size={config.train.batch_size} is not divisible by the "
+                              f"batch-sharding axes data×fsdp={data * fsdp}; use a multiple of {data * fsdp}.")
+    if errors:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
+    return m
+
+
+__all__ = ["base_config", "validate", "MESH_AXES", "CHAMELEON_IMAGE_IDS"]

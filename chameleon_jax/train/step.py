@@ -1,0 +1,119 @@
+"""Train state, its shardings, sharded initialisation, and the jitted train step.
+
+The state is a plain dict pytree {params, opt_state, step, rng, bad_steps} so that Orbax saves it as
+is and any mesh can restore it from abstract targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from chameleon_jax import model as model_lib
+from chameleon_jax.model import sharding as shd
+from chameleon_jax.train import loss as loss_lib
+
+TrainState = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    image_ids: tuple[int, int]
+    z_loss_weight: float = 1e-5
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossConfig":
+        return cls(image_ids=tuple(cfg.image_ids), z_loss_weight=float(cfg.z_loss_weight))
+
+
+def abstract_state(model_cfg, tx: optax.GradientTransformation):
+    """Shapes of the whole train state, without allocating."""
+    return jax.eval_shape(lambda: init_state(model_cfg, tx, jax.random.PRNGKey(0)))
+
+
+def state_specs(model_cfg, tx, rules=shd.DEFAULT_RULES) -> TrainState:
+    """PartitionSpecs for the train state: optimizer moments follow their parameters."""
+    pspecs = model_lib.param_specs(model_cfg, rules)
+    abstract = abstract_state(model_cfg, tx)
+    ospecs = optax.tree_map_params(
+        tx, lambda _, spec: spec, abstract["opt_state"], pspecs,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    return {"params": pspecs, "opt_state": ospecs, "step": P(), "rng": P(), "bad_steps": P()}
+
+
+def init_state(model_cfg, tx, key) -> TrainState:
+    init_key, rng = jax.random.split(key)
+    params = model_lib.init_params(model_cfg, init_key)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}
+
+
+def init_sharded_state(model_cfg, tx, mesh, key, rules=shd.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """Parameters born sharded: jit the init with out_shardings derived from the logical names."""
+    shardings = shd.named(mesh, state_specs(model_cfg, tx, rules))
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda k: init_state(model_cfg, tx, k), out_shardings=shardings)(key)
+    return state, shardings
+
+
+def tree_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None) -> Callable:
+    """(state, batch) -> (state, metrics). Pure; jit it with `jit_train_step`.
+
+    A non-finite loss or gradient skips the update (params and optimizer state unchanged) and bumps
+    `bad_steps`; a finite step resets it. The runner stops after K consecutive bad steps.
+    """
+    dropout = model_cfg.dropout > 0
+
+    def loss_fn(params, batch, key):
+        model = model_lib.bind(graphdef, params)
+        x, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"],
+                     dropout_key=key if dropout else None)
+        logits = model.head(x)
+        loss, sums = loss_lib.loss_and_metrics(logits, batch, image_ids=loss_cfg.image_ids,
+                                               z_loss_weight=loss_cfg.z_loss_weight)
+        # Divergence monitor (paper §2.3): RMS of the last block's output over real tokens.
+        real = (batch["segment_ids"] != 0).astype(jnp.float32)
+        sq = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1)
+        sums["last_layer_rms"] = jnp.sqrt((sq * real).sum() / jnp.maximum(real.sum(), 1.0))
+        return loss, sums
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(state["rng"], state["step"])
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {
+            "params": keep(new_params, state["params"]),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
+        }
+        metrics = dict(sums, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
+                       param_norm=tree_norm(new_state["params"]))
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state["step"])
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step_fn, mesh, state_shardings):
+    """The train step under jax.jit with explicit in/out shardings and the state donated."""
+    batch_sharding = NamedSharding(mesh, shd.BATCH_SPEC)
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return jitted
