@@ -1,0 +1,232 @@
+"""The training input pipeline: pretokenized sources -> mixture -> packed rows -> batches -> global arrays.
+
+Per source: ArrayRecord shards -> MapDataset -> global shuffle (seeded; reshuffled every epoch) -> this
+host's slice -> repeat -> decode -> split documents longer than seq_len (never cutting an image). Then
+a weighted mixture of the sources, FirstFit packing into seq_len rows, batching, and worker processes.
+Stages (paper §2.2: stage 1 = first 80% of training, stage 2 = the rest) each have their own mixture.
+
+    it = make_train_iterator(config.data, total_steps=config.total_steps)
+    batch = to_global_batch(next(it), mesh)        # dict of jax.Array, sharded P(('data','fsdp'), None)
+    # checkpoint: ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)); restore with
+    # grain.checkpoint.CheckpointRestore(it) on a freshly built iterator (same config and process count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import zlib
+from typing import Any, Mapping, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from chameleon_jax.data import packing, records, shards
+from chameleon_jax.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+BATCH_PARTITION = (("data", "fsdp"), None)  # the train step's input sharding: P(('data','fsdp'), None)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `config.data` block of an experiment config; every field is described here."""
+    c = ml_collections.ConfigDict()
+    c.sources = {}  # name -> directory written by `python -m chameleon_jax.pretokenize --out DIR`
+    # Mixtures, in order. `until` = fraction of total_steps where the stage ends (the last stage has none).
+    # Weights are relative (normalised per stage); a source missing from a stage is not drawn in it.
+    c.stages = [{"weights": {}, "until": None}]
+    c.weights_unit = "tokens"  # weights are shares of tokens ("tokens") or of documents ("documents")
+    c.seq_len = 256
+    c.global_batch_size = 8  # rows per step over all hosts; each host yields global/process_count
+    c.seed = 0
+    c.num_workers = 0  # Grain worker processes per host (0 = in the main process)
+    c.packing_bins = 0  # rows filled at once by FirstFit; 0 = max(per-host batch size, 16)
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    weights: dict[str, float]
+    end_step: int | None
+
+
+def _get(obj, key, default=None):
+    if isinstance(obj, Mapping):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def validate(data_config, total_steps: int | None = None, process_count: int = 1) -> dict[str, shards.SourceInfo]:
+    """Checks the config and every source before anything runs; returns the source summaries."""
+    sources = dict(_get(data_config, "sources") or {})
+    if not sources:
+        raise ValueError("config.data.sources is empty; name at least one pretokenized directory, e.g. "
+                         "--config.data.sources='{\"shapes\": \"/data/shapes_tok\"}'")
+    infos = {name: shards.read_source(path) for name, path in sources.items()}
+    vocabs = {info.vocab for info in infos.values()}
+    if len(vocabs) > 1:
+        raise ValueError("sources were pretokenized with different vocabularies: "
+                         + ", ".join(f"{n}: {i.vocab.name}" for n, i in infos.items())
+                         + "; re-pretokenize them with the same tokenizer and VQ-GAN")
+    for name, info in infos.items():
+        if info.documents < process_count:
+            raise ValueError(f"source {name!r} has {info.documents} documents, fewer than the {process_count} hosts; "
+                             "add data or drop the source")
+    seq_len = int(_get(data_config, "seq_len"))
+    for name, info in infos.items():
+        if info.max_image_block > seq_len:
+            log.warning("source %r has image blocks of %d tokens > seq_len=%d: documents with such images are "
+                        "skipped; raise seq_len to fit them", name, info.max_image_block, seq_len)
+    stages = _stages(data_config, total_steps)
+    for i, st in enumerate(stages):
+        unknown = set(st.weights) - set(sources)
+        if unknown:
+            raise ValueError(f"stage {i} weights name unknown sources {sorted(unknown)}; "
+                             f"config.data.sources has {sorted(sources)}")
+        if not any(w > 0 for w in st.weights.values()):
+            raise ValueError(f"stage {i} has no positive weight; give at least one source a weight > 0")
+    gbs = int(_get(data_config, "global_batch_size"))
+    if gbs % process_count:
+        raise ValueError(f"global_batch_size={gbs} is not divisible by the {process_count} hosts")
+    if _get(data_config, "weights_unit", "tokens") not in ("tokens", "documents"):
+        raise ValueError("config.data.weights_unit must be 'tokens' or 'documents'")
+    return infos
+
+
+def _stages(data_config, total_steps: int | None) -> list[_Stage]:
+    raw = list(_get(data_config, "stages") or [])
+    sources = dict(_get(data_config, "sources") or {})
+    if not raw or not _get(raw[0], "weights"):
+        raw = [{"weights": {n: 1.0 for n in sources}, "until": None}] + raw[1:]
+    out = []
+    for i, st in enumerate(raw):
+        until = _get(st, "until")
+        last = i == len(raw) - 1
+        if last and until is not None and until < 1.0:
+            raise ValueError(f"the last stage has until={until}; the last stage must run to the end (until=None)")
+        if not last and until is None:
+            raise ValueError(f"stage {i} needs `until` (fraction of total_steps), e.g. 0.8 for the paper's stage 1")
+        if not last and total_steps is None:
+            raise ValueError("several data stages need total_steps to place the stage boundaries")
+        end = None if last else int(round(float(until) * total_steps))
+        out.append(_Stage({k: float(v) for k, v in dict(_get(st, "weights")).items()}, end))
+    return out
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def _source_dataset(info: shards.SourceInfo, name: str, stage: int, seed: int, seq_len: int, vocab: Vocab,
+                    process_index: int, process_count: int) -> grain.IterDataset:
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(info.shards)))
+    ds = ds.shuffle(seed=_seed(seed, name, stage))  # one permutation over all hosts' data, new every epoch
+    ds = ds.slice(slice(process_index, None, process_count)).repeat(None).map(records.deserialize)
+    return grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), packing.SplitLongDocuments(seq_len, vocab))
+
+
+def build_stage_dataset(data_config, infos: dict[str, shards.SourceInfo], stage: _Stage, stage_index: int,
+                        process_index: int, process_count: int) -> grain.IterDataset:
+    """One stage's mixture, packed and batched, with worker processes if configured."""
+    seq_len, seed = int(_get(data_config, "seq_len")), int(_get(data_config, "seed", 0))
+    vocab = next(iter(infos.values())).vocab
+    weights = {n: w for n, w in stage.weights.items() if w > 0}
+    if _get(data_config, "weights_unit", "tokens") == "tokens":
+        # Grain mixes documents; a token share w needs a document share w / (mean document length).
+        weights = {n: w / (infos[n].tokens / infos[n].documents) for n, w in weights.items()}
+    parts = {n: _source_dataset(infos[n], n, stage_index, seed, seq_len, vocab, process_index, process_count)
+             for n in sorted(weights)}
+    mixed = grain.IterDataset.mix(parts, {n: weights[n] for n in sorted(weights)})
+    per_host = int(_get(data_config, "global_batch_size")) // process_count
+    bins = int(_get(data_config, "packing_bins", 0) or max(per_host, 16))
+    ds = packing.pack(mixed, seq_len, bins, _seed(seed, "pack", stage_index), vocab.pad)
+    ds = ds.batch(per_host, drop_remainder=True)
+    workers = int(_get(data_config, "num_workers", 0))
+    if workers > 0:
+        _absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return ds
+
+
+def _absl_flags_parsed():
+    # Grain 0.2.18 workers read an absl flag and die if flags are unparsed (grain issue #1355).
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class DataIterator(grain.DatasetIterator):
+    """Host-local batches across the configured stages; get_state/set_state resume exactly.
+
+    It is a Grain DatasetIterator, so `grain.checkpoint.CheckpointSave(it)` stores it as an Orbax item.
+    """
+
+    def __init__(self, stage_datasets: Sequence[grain.IterDataset], stage_ends: Sequence[int | None],
+                 vocab: Vocab):
+        super().__init__()
+        self._datasets, self._ends, self.vocab = list(stage_datasets), list(stage_ends), vocab
+        self._stage, self._step, self._it = 0, 0, None
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def _open(self, stage: int, inner_state: dict | None = None):
+        self.close()
+        self._stage = stage
+        self._it = iter(self._datasets[stage])
+        if inner_state is not None:
+            self._it.set_state(inner_state)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        end = self._ends[self._stage]
+        if end is not None and self._step >= end:
+            log.info("data: step %d starts mixture stage %d", self._step, self._stage + 1)
+            self._open(self._stage + 1)
+        if self._it is None:
+            self._open(self._stage)
+        batch = next(self._it)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"stage": self._stage, "step": self._step,
+                "inner": None if self._it is None else self._it.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._step = int(state["step"])
+        self._open(int(state["stage"]), state["inner"])
+
+    def close(self) -> None:
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+
+def make_train_iterator(data_config, *, total_steps: int | None = None, process_index: int | None = None,
+                        process_count: int | None = None) -> DataIterator:
+    """Validates the config and sources, then returns the host-local batch iterator.
+
+    Batches are dicts of int32 numpy arrays [global_batch_size / process_count, seq_len]: tokens,
+    segment_ids, positions, loss_mask (docs/CONVENTIONS.md). process_index/count default to JAX's.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    infos = validate(data_config, total_steps, process_count)
+    stages = _stages(data_config, total_steps)
+    datasets = [build_stage_dataset(data_config, infos, st, i, process_index, process_count)
+                for i, st in enumerate(stages)]
+    return DataIterator(datasets, [st.end_step for st in stages], next(iter(infos.values())).vocab)
+
+
+def to_global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
+    """Host-local numpy batch -> global jax.Arrays sharded P(('data','fsdp'), None) over `mesh`."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    sharding = NamedSharding(mesh, P(*BATCH_PARTITION))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
