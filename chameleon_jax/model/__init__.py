@@ -36,7 +36,7 @@ def param_specs(cfg: ModelConfig, rules=sharding.DEFAULT_RULES):
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Fresh parameters as a pure dict. Jit this with out_shardings to have them born sharded."""
     model = Transformer(cfg, rngs=nnx.Rngs(params=key))
-    return nnx.split(model)[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(model)[1])
 
 
 def bind(graphdef, params: dict) -> Transformer:

@@ -95,7 +95,7 @@ def param_specs(abstract_state: nnx.State, rules=DEFAULT_RULES):
         names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
         return logical_to_spec(names, rules)
     specs = jax.tree.map(spec, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.State(specs).to_pure_dict() if isinstance(specs, nnx.State) else specs
+    return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
 
 
 def named(mesh, specs):
