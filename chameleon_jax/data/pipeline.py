@@ -118,12 +118,13 @@ def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def _source_dataset(info: shards.SourceInfo, name: str, stage: int, seed: int, seq_len: int, vocab: Vocab,
-                    process_index: int, process_count: int) -> grain.IterDataset:
+def _source_dataset(info: shards.SourceInfo, name: str, stage: int, seed: int, process_index: int,
+                    process_count: int) -> grain.IterDataset:
+    """This host's endless, shuffled stream of one source's documents."""
     ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(info.shards)))
     ds = ds.shuffle(seed=_seed(seed, name, stage))  # one permutation over all hosts' data, new every epoch
     ds = ds.slice(slice(process_index, None, process_count)).repeat(None).map(records.deserialize)
-    return grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), packing.SplitLongDocuments(seq_len, vocab))
+    return ds.to_iter_dataset()
 
 
 def build_stage_dataset(data_config, infos: dict[str, shards.SourceInfo], stage: _Stage, stage_index: int,
@@ -135,9 +136,10 @@ def build_stage_dataset(data_config, infos: dict[str, shards.SourceInfo], stage:
     if _get(data_config, "weights_unit", "tokens") == "tokens":
         # Grain mixes documents; a token share w needs a document share w / (mean document length).
         weights = {n: w / (infos[n].tokens / infos[n].documents) for n, w in weights.items()}
-    parts = {n: _source_dataset(infos[n], n, stage_index, seed, seq_len, vocab, process_index, process_count)
-             for n in sorted(weights)}
+    parts = {n: _source_dataset(infos[n], n, stage_index, seed, process_index, process_count) for n in sorted(weights)}
+    # Mix whole documents (so the weights mean what they say), then split the long ones.
     mixed = grain.IterDataset.mix(parts, {n: weights[n] for n in sorted(weights)})
+    mixed = grain.experimental.FlatMapIterDataset(mixed, packing.SplitLongDocuments(seq_len, vocab))
     per_host = int(_get(data_config, "global_batch_size")) // process_count
     bins = int(_get(data_config, "packing_bins", 0) or max(per_host, 16))
     ds = packing.pack(mixed, seq_len, bins, _seed(seed, "pack", stage_index), vocab.pad)
