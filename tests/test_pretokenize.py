@@ -1,0 +1,170 @@
+"""pretokenize: every input kind, bad input skipped with reasons, manifest, resume, host split, pipeline."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chameleon_jax import pretokenize, text, vocab as V
+from chameleon_jax.data import corpora, pipeline, readers, records, shards
+
+SIDE = 8  # test images are 8x8; the stand-in encoder maps 4x4 patches to 2x2 codes
+
+
+def load_image(ref):
+    f = ref if isinstance(ref, str) else io.BytesIO(ref)
+    with Image.open(f) as im:
+        return np.asarray(im.convert("RGB").resize((SIDE, SIDE)), np.float32) / 127.5 - 1
+
+
+class PatchEncoder:
+    """Deterministic stand-in for the VQ-GAN (irrelevant to what these tests check): brightness of 4x4 patches."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images):
+        self.calls += 1
+        patches = images.reshape(len(images), 2, SIDE // 2, 2, SIDE // 2, 3).mean(axis=(2, 4, 5))
+        return np.clip(((patches + 1) / 2 * 16).astype(np.int32), 0, 15)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("tok") / "bpe")
+    lines = [d["text"] for d in corpora.pydoc_documents()][:200] + ["a red circle at the top left"] * 20
+    return text.load(text.train_sentencepiece(lines, prefix, vocab_size=400), image_codes=16)
+
+
+def _png(path, color):
+    Image.new("RGB", (SIDE * 2, SIDE), color).save(path)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    d = tmp_path / "raw"
+    (d / "img").mkdir(parents=True)
+    _png(d / "img/red.png", (255, 0, 0))
+    _png(d / "img/blue.png", (0, 0, 255))
+    (d / "img/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    lines = [
+        {"text": "The with statement."},
+        {"image": "img/red.png", "caption": "a red square"},
+        {"segments": [{"text": "first"}, {"image": "img/red.png"}, {"text": "then"}, {"image": "img/blue.png"}]},
+        {"turns": [{"role": "user", "content": [{"image": "img/blue.png"}, {"text": "colour?"}]},
+                   {"role": "assistant", "content": "blue"}]},
+        "{not json",
+        {"image": "img/missing.png", "caption": "gone"},
+        {"image": "img/corrupt.png", "caption": "broken"},
+        {"text": "   "},
+        {"turns": [{"role": "user", "content": "only a question"}]},
+    ]
+    with open(d / "docs.jsonl", "w") as f:
+        for x in lines:
+            f.write((x if isinstance(x, str) else json.dumps(x)) + "\n")
+    folder = d / "folder"
+    folder.mkdir()
+    _png(folder / "a.png", (0, 255, 0))
+    (folder / "a.txt").write_text("a green square")
+    _png(folder / "b.png", (9, 9, 9))  # no caption file
+    buf = io.BytesIO()
+    Image.new("RGB", (SIDE, SIDE), (255, 255, 0)).save(buf, format="PNG")
+    with tarfile.open(d / "shard.tar", "w") as tar:
+        for name, data in [("k1.png", buf.getvalue()), ("k1.txt", b"a yellow square")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return [str(d / "docs.jsonl"), str(folder), str(d / "shard.tar")]
+
+
+def _run(raw, out, tokenizer, encoder=None, **kw):
+    kw.setdefault("docs_per_shard", 4)
+    return pretokenize.run(raw, str(out), tokenizer=tokenizer, encode_images=encoder or PatchEncoder(),
+                           load_image=load_image, encode_batch=2, show_progress=False, **kw)
+
+
+def _all_records(out):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    docs = []
+    for p in shards.read_source(str(out)).shards:
+        r = ArrayRecordReader(p)
+        docs += [records.deserialize(x) for x in r.read_all()]
+        r.close()
+    return docs
+
+
+def test_every_input_kind_becomes_records_and_bad_items_are_skipped_with_reasons(raw, tmp_path, tokenizer):
+    m = _run(raw, tmp_path / "out", tokenizer)
+    assert m["documents"] == 6  # text, pair, interleaved, sft, folder pair, tar pair
+    reasons = m["skipped_by_reason"]
+    assert sum(reasons.values()) == 6
+    joined = " | ".join(f"{s['item']}: {s['reason']}" for s in m["skipped"])
+    for expected in ["docs.jsonl:5: malformed JSON", "missing image file", "corrupt image", "docs.jsonl:8: empty document",
+                     "docs.jsonl:9: empty document: an SFT", "no caption file b.txt"]:
+        assert expected in joined, joined
+    v = tokenizer.vocab
+    docs = _all_records(tmp_path / "out")
+    assert all(d["tokens"][0] == v.bos and d["tokens"][-1] == v.eos for d in docs)
+    n_images = sum(int((d["tokens"] == v.begin_image).sum()) for d in docs)
+    assert n_images == 1 + 2 + 1 + 1 + 1 and m["tokens"]["image"] == 4 * n_images
+    sft = [d for d in docs if (d["tokens"] == v.end_turn).any()]
+    assert len(sft) == 1 and tokenizer.decode(sft[0]["tokens"][sft[0]["loss_mask"] == 1]) == "blue"
+    assert all(d["loss_mask"].all() for d in docs if d is not sft[0])
+
+
+def test_an_image_longer_than_seq_len_is_skipped_at_pretokenize(raw, tmp_path, tokenizer):
+    m = _run(raw, tmp_path / "out", tokenizer, seq_len=5)  # an image block here is 2*2+2 = 6 tokens
+    assert any("cannot fit seq_len=5" in s["reason"] for s in m["skipped"])
+    assert m["documents"] == 1  # only the text document is left
+
+
+def test_rerun_skips_finished_shards_and_redoes_unfinished_ones(raw, tmp_path, tokenizer):
+    out = tmp_path / "out"
+    first = _run(raw, out, tokenizer)
+    enc = PatchEncoder()
+    assert _run(raw, out, tokenizer, encoder=enc) == first and enc.calls == 0
+    sidecars = sorted(p for p in os.listdir(out) if p.endswith(".json") and p != "manifest.json")
+    os.remove(out / sidecars[0])  # as if the run died while writing that shard
+    assert _run(raw, out, tokenizer, encoder=enc) == first and enc.calls > 0
+
+
+def test_hosts_split_the_work_disjointly(raw, tmp_path, tokenizer):
+    whole = _run(raw, tmp_path / "whole", tokenizer)
+    for i in range(2):
+        _run(raw, tmp_path / "hosts", tokenizer, process_index=i, process_count=2)
+    names = lambda d: sorted(p for p in os.listdir(d) if p.endswith(shards.RECORD_SUFFIX))
+    assert names(tmp_path / "whole") == names(tmp_path / "hosts")
+    merged = shards.write_manifest(str(tmp_path / "hosts"))
+    assert merged["documents"] == whole["documents"] and merged["tokens"] == whole["tokens"]
+
+
+def test_pairs_flip_by_seed_and_key(raw, tmp_path, tokenizer):
+    lines = [json.dumps({"id": f"p{i}", "image": "img/red.png", "caption": "a red square"}) for i in range(40)]
+    path = os.path.join(os.path.dirname(raw[0]), "pairs.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _run([path], tmp_path / "out", tokenizer, docs_per_shard=100, seed=3)
+    v = tokenizer.vocab
+    flips = [d["tokens"][1] == v.begin_image for d in _all_records(tmp_path / "out")]
+    assert flips == [pretokenize.records.image_first(f"p{i}", 3) for i in range(40)]
+    assert 0 < sum(flips) < 40
+
+
+def test_missing_input_fails_clearly(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="fix --input"):
+        _run([str(tmp_path / "nope.jsonl")], tmp_path / "out", tokenizer)
+
+
+def test_pretokenized_output_feeds_the_pipeline(raw, tmp_path, tokenizer):
+    _run(raw, tmp_path / "out", tokenizer)
+    c = pipeline.default_config()
+    c.sources = {"raw": str(tmp_path / "out")}
+    c.seq_len, c.global_batch_size = 32, 2
+    it = pipeline.make_train_iterator(c, process_index=0, process_count=1)
+    assert it.vocab == tokenizer.vocab
+    b = next(it)
+    assert b["tokens"].shape == (2, 32) and tokenizer.vocab.is_image(b["tokens"]).any()
