@@ -207,13 +207,17 @@ class DataIterator(grain.DatasetIterator):
         self._it = None
 
 
-def make_train_iterator(data_config, *, total_steps: int | None = None, process_index: int | None = None,
+def make_train_iterator(data_config, *, seq_len: int | None = None, batch_size: int | None = None,
+                        total_steps: int | None = None, process_index: int | None = None,
                         process_count: int | None = None) -> DataIterator:
     """Validates the config and sources, then returns the host-local batch iterator.
 
-    Batches are dicts of int32 numpy arrays [global_batch_size / process_count, seq_len]: tokens,
-    segment_ids, positions, loss_mask (docs/CONVENTIONS.md). process_index/count default to JAX's.
+    seq_len / batch_size (global rows per step), when given, override data_config.seq_len /
+    data_config.global_batch_size, so a runner can keep train.seq_len / train.batch_size as the one
+    source of truth. Batches are dicts of int32 numpy arrays [batch_size / process_count, seq_len]:
+    tokens, segment_ids, positions, loss_mask (docs/CONVENTIONS.md). process_index/count default to JAX's.
     """
+    data_config = _with_shape(data_config, seq_len, batch_size)
     if process_index is None or process_count is None:
         import jax
 
@@ -223,6 +227,16 @@ def make_train_iterator(data_config, *, total_steps: int | None = None, process_
     datasets = [build_stage_dataset(data_config, infos, st, i, process_index, process_count)
                 for i, st in enumerate(stages)]
     return DataIterator(datasets, [st.end_step for st in stages], next(iter(infos.values())).vocab)
+
+
+def _with_shape(data_config, seq_len, batch_size) -> dict:
+    merged = dict(default_config().to_dict())
+    merged.update({k: v for k, v in (data_config.items() if hasattr(data_config, "items") else vars(data_config).items())})
+    if seq_len is not None:
+        merged["seq_len"] = int(seq_len)
+    if batch_size is not None:
+        merged["global_batch_size"] = int(batch_size)
+    return merged
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
