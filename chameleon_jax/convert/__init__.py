@@ -1,1 +1,101 @@
-"""convert"""
+"""Weight import into our params layout: HF transformers (`hf`) and Meta's release (`meta`), spec §9.
+
+A converted directory holds `config.json` (a full experiment config, ml_collections-compatible, whose
+`model` section describes the imported weights) and `params/`, an Orbax checkpoint of the pure
+params dict (layers stacked along a leading L axis, as `chameleon_jax.model.init_params` makes them).
+
+    python -m chameleon_jax.convert --from hf --src HF_DIR --out OUT_DIR
+    config, params = chameleon_jax.convert.load_converted(OUT_DIR)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from chameleon_jax.config import base_config, validate
+from chameleon_jax.model import ModelConfig, abstract
+
+__all__ = ["experiment_config", "check_params", "save_converted", "load_converted", "convert"]
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+
+
+def experiment_config(model_fields: dict, image_ids=None, param_dtype: str = "float32"):
+    """The base experiment config with `model` set to the imported architecture."""
+    config = base_config()
+    config.model.update(model_fields, param_dtype=param_dtype)
+    if image_ids is not None:
+        config.loss.image_ids = tuple(int(i) for i in image_ids)
+    validate(config)
+    return config
+
+
+def check_params(params: dict, cfg: ModelConfig) -> None:
+    """Raises unless `params` has exactly the tree structure and shapes that `cfg` builds."""
+    expected = nnx.to_pure_dict(abstract(cfg)[1])
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"missing {k}" for k in want.keys() - got.keys()]
+    problems += [f"unexpected {k}" for k in got.keys() - want.keys()]
+    problems += [f"{k}: shape {got[k]}, model expects {want[k]}" for k in want.keys() & got.keys()
+                 if got[k] != want[k]]
+    if problems:
+        raise ValueError("Converted params do not match the model:\n  " + "\n  ".join(sorted(problems)))
+
+
+def save_converted(out_dir: str, config, params: dict) -> None:
+    """Writes config.json and the Orbax params checkpoint under out_dir."""
+    # TODO: use chameleon_jax/checkpoint.py once it lands; plain Orbax keeps the layout simple to adopt.
+    import orbax.checkpoint as ocp
+
+    check_params(params, ModelConfig.from_config(config.model))
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, PARAMS_DIR), params, force=True)
+        ckptr.wait_until_finished()
+
+
+def load_converted(out_dir: str, sharding: jax.sharding.Sharding | None = None):
+    """(experiment config, params) from a converted directory; params land on `sharding`
+    (default: the first local device)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    with open(os.path.join(out_dir, CONFIG_FILE)) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    cfg = ModelConfig.from_config(config.model)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          nnx.to_pure_dict(abstract(cfg)[1]))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(out_dir, PARAMS_DIR), target)
+    return config, params
+
+
+def convert(source: str, src: str, out_dir: str, param_dtype: str = "float32"):
+    """Imports `src` (layout `source`: 'hf' or 'meta') and writes it to out_dir; returns the config."""
+    dtype = jax.numpy.dtype(param_dtype)
+    if source == "hf":
+        from chameleon_jax.convert.hf import load_hf
+
+        fields, params, image_ids = load_hf(src, dtype)
+    elif source == "meta":
+        from chameleon_jax.convert.meta import load_meta
+
+        fields, params, image_ids = load_meta(src, dtype)
+    else:
+        raise ValueError(f"--from {source!r}: choose 'hf' (save_pretrained directory) or 'meta' "
+                         f"(consolidated*.pth + params.json).")
+    config = experiment_config(fields, image_ids, param_dtype)
+    save_converted(out_dir, config, params)
+    return config

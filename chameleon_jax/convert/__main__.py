@@ -1,0 +1,34 @@
+"""Converts a HF transformers or Meta Chameleon checkpoint into our params + config.
+
+  python -m chameleon_jax.convert --from hf --src HF_DIR --out OUT_DIR
+  python -m chameleon_jax.convert --from meta --src META_MODEL_DIR --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m chameleon_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", required=True, choices=("hf", "meta"),
+                        help="hf: a save_pretrained directory of ChameleonForConditionalGeneration "
+                             "(safetensors); meta: the official release folder (params.json, "
+                             "consolidated*.pth)")
+    parser.add_argument("--src", required=True, help="directory to read")
+    parser.add_argument("--out", required=True, help="directory to write (config.json, params/)")
+    parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of the written params (float32 = training master weights)")
+    args = parser.parse_args(argv)
+
+    from chameleon_jax.convert import convert
+
+    config = convert(args.source, args.src, args.out, args.param_dtype)
+    m = config.model
+    print(f"wrote {args.out}: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads / "
+          f"{m.n_kv_heads} kv, qk_norm_groups {m.qk_norm_groups}, block_order {m.block_order}")
+
+
+if __name__ == "__main__":
+    main()
