@@ -30,6 +30,19 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=8, seq_len=4096, seed=0, log_every=50, eval_every=0,
         max_bad_steps=10))
     c.attention = ml_collections.ConfigDict(dict(kernel="dot_product", block_size=1))
+    # Token source (train.batch_size / train.seq_len are the one source of truth for the shape):
+    # kind "synthetic" (built-in, chameleon_jax.data.synthetic) or "tokens" (pretokenized shards,
+    # chameleon_jax.data.pipeline.default_config() describes the fields).
+    c.data = ml_collections.ConfigDict(dict(kind="synthetic", seed=0), type_safe=False)
+    # Held-out perplexity every train.eval_every steps over eval.steps batches; eval.data overrides
+    # fields of config.data (synthetic: a different seed; tokens: held-out `sources`).
+    c.eval = ml_collections.ConfigDict(dict(steps=4, data=ml_collections.ConfigDict(
+        dict(seed=1_000_003), type_safe=False)))
+    # Orbax: save every `every` steps (a multiple of train.log_every), keep the latest `keep`, and every
+    # `keep_every`-th step for good (0 = none); SIGTERM/SIGINT save at once and exit.
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True))
+    # Initialise params (only) from another run's checkpoint when the workdir has none (e.g. SFT).
+    c.init = ml_collections.ConfigDict(dict(checkpoint=""))
     return c
 
 
@@ -38,11 +51,13 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
     m = ModelConfig.from_config(config.model)
     errors = []
     if m.n_heads % m.n_kv_heads:
-        errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
-                      f"GQA needs an integer number of query heads per kv head.")
+        ok = [d for d in range(1, m.n_heads + 1) if m.n_heads % d == 0]
+        errors.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
+                      f"GQA needs a whole number of query heads per kv head; pick model.n_kv_heads in {ok}.")
     if m.n_heads % m.qk_norm_groups or m.n_kv_heads % m.qk_norm_groups:
+        ok = [d for d in range(1, m.n_kv_heads + 1) if m.n_kv_heads % d == 0 and m.n_heads % d == 0]
         errors.append(f"model.qk_norm_groups={m.qk_norm_groups} must divide n_heads={m.n_heads} and "
-                      f"n_kv_heads={m.n_kv_heads}.")
+                      f"n_kv_heads={m.n_kv_heads}; pick model.qk_norm_groups in {ok}.")
     if m.head_dim % 2:
         errors.append(f"head_dim={m.head_dim} must be even for rotary embeddings.")
     if m.block_order not in ("prenorm", "swin"):
@@ -57,22 +72,24 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
                       f"(0..{m.vocab_size}).")
     block = int(config.attention.get("block_size", 1))
     if config.train.seq_len % block:
+        fix = max(block, config.train.seq_len // block * block)
         errors.append(f"train.seq_len={config.train.seq_len} is not a multiple of the attention "
-                      f"kernel's block size ({block}); use a multiple of {block}.")
+                      f"kernel's block size (attention.block_size={block}); use a multiple of {block}, "
+                      f"e.g. --config.train.seq_len={fix}.")
     if num_devices is not None:
         try:
             data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
         except ValueError as e:
             errors.append(str(e))
         else:
-            for name, n in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads)):
+            # Tensor sizes that split every tensor-sharded dim evenly and divide the device count.
+            ok = [d for d in range(1, num_devices + 1) if num_devices % d == 0 and not any(
+                n % d for n in (m.n_heads, m.n_kv_heads, m.ffn_dim, m.vocab_size))]
+            for name, n in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads),
+                            ("ffn_dim", m.ffn_dim), ("vocab_size", m.vocab_size)):
                 if n % tensor:
-                    ok = [d for d in range(1, n + 1) if n % d == 0 and num_devices % d == 0]
-                    errors.append(f"model.{name}={n} is not divisible by the tensor axis ({tensor}); "
-                                  f"pick mesh.tensor in {ok}.")
-            if m.ffn_dim % tensor or m.vocab_size % tensor:
-                errors.append(f"ffn_dim={m.ffn_dim} and vocab_size={m.vocab_size} must be divisible by "
-                              f"the tensor axis ({tensor}).")
+                    errors.append(f"model.{name}={n} is not divisible by the tensor axis "
+                                  f"(mesh.tensor={tensor}); pick mesh.tensor in {ok}.")
             if config.train.batch_size % (data * fsdp):
                 errors.append(f"train.batch_size={config.train.batch_size} is not divisible by the "
                               f"batch-sharding axes data×fsdp={data * fsdp}; use a multiple of {data * fsdp}.")

@@ -1,0 +1,58 @@
+"""Train: `python -m chameleon_jax.train --config experiments/X.py[:variant] --workdir DIR [--config.a.b=v]`.
+
+Rerunning the same command resumes from DIR's latest checkpoint. SIGTERM or Ctrl-C saves and exits.
+Multi-process: `--coordinator_address HOST:PORT --num_processes N --process_id I` (launch/local.py), or
+`--distributed` to let `jax.distributed.initialize()` detect a TPU pod / GKE job by itself.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/X.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, GKE).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed() -> None:
+    """Joins the multi-process job, before any other JAX call (as every entry point must)."""
+    import jax
+
+    F = flags.FLAGS
+    if F.coordinator_address:
+        jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+    elif F.distributed:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    init_distributed()
+    import jax
+
+    from chameleon_jax.train import runner
+
+    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = runner.train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except runner.NonFiniteError as e:
+        logging.getLogger("chameleon_jax.train").error("%s", e)
+        sys.exit(3)
+    if result.preempted:
+        logging.getLogger("chameleon_jax.train").warning("preempted at step %d; rerun the same command to resume",
+                                                          result.step)
+
+
+if __name__ == "__main__":
+    app.run(main)
