@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 8  # rows per step over all hosts; each host yields global/process_count
     c.seed = 0
     c.num_workers = 0  # Grain worker processes per host (0 = in the main process)
+    c.read_threads = 0  # reader threads per source and process; raise for remote storage (e.g. GCS)
     c.packing_bins = 0  # rows filled at once by FirstFit; 0 = max(per-host batch size, 16)
     return c
 
@@ -118,13 +119,48 @@ def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
+_PERMUTATION_LIMIT = 1 << 24  # documents; above this Grain's O(1)-memory index shuffle is used instead
+
+
+class _EpochPermutation(grain.MapDataset):
+    """Global shuffle with a fresh permutation every epoch, held as one numpy array.
+
+    Same contract as MapDataset.shuffle (deterministic in (seed, index), reshuffled per epoch) at a
+    fraction of its per-element cost: Grain's index_shuffle was the single largest per-document cost
+    of the pipeline here (benchmarks/bench_data.py).
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed, self._n = seed, len(parent)
+        self._epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __str__(self) -> str:
+        return f"EpochPermutation(seed={self._seed})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, j = divmod(index, self._n)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self._seed, epoch]).permutation(self._n).astype(np.int64)
+            self._epoch = epoch
+        return self._parent[int(self._perm[j]) + epoch * self._n]
+
+
 def _source_dataset(info: shards.SourceInfo, name: str, stage: int, seed: int, process_index: int,
-                    process_count: int) -> grain.IterDataset:
+                    process_count: int, read_threads: int = 0) -> grain.IterDataset:
     """This host's endless, shuffled stream of one source's documents."""
     ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(info.shards)))
-    ds = ds.shuffle(seed=_seed(seed, name, stage))  # one permutation over all hosts' data, new every epoch
+    # One permutation over all hosts' data (hosts slice it below), new every epoch.
+    shuffle_seed = _seed(seed, name, stage)
+    ds = _EpochPermutation(ds, shuffle_seed) if len(ds) <= _PERMUTATION_LIMIT else ds.shuffle(seed=shuffle_seed)
     ds = ds.slice(slice(process_index, None, process_count)).repeat(None).map(records.deserialize)
-    return ds.to_iter_dataset()
+    # Local ArrayRecord reads are microseconds; reader threads then cost more (GIL, polling) than they save.
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(read_threads, 1) * 32))
 
 
 def build_stage_dataset(data_config, infos: dict[str, shards.SourceInfo], stage: _Stage, stage_index: int,
@@ -136,7 +172,9 @@ def build_stage_dataset(data_config, infos: dict[str, shards.SourceInfo], stage:
     if _get(data_config, "weights_unit", "tokens") == "tokens":
         # Grain mixes documents; a token share w needs a document share w / (mean document length).
         weights = {n: w / (infos[n].tokens / infos[n].documents) for n, w in weights.items()}
-    parts = {n: _source_dataset(infos[n], n, stage_index, seed, process_index, process_count) for n in sorted(weights)}
+    threads = int(_get(data_config, "read_threads", 0))
+    parts = {n: _source_dataset(infos[n], n, stage_index, seed, process_index, process_count, threads)
+             for n in sorted(weights)}
     # Mix whole documents (so the weights mean what they say), then split the long ones.
     mixed = grain.IterDataset.mix(parts, {n: weights[n] for n in sorted(weights)})
     mixed = grain.experimental.FlatMapIterDataset(mixed, packing.SplitLongDocuments(seq_len, vocab))
