@@ -5,6 +5,8 @@ QK group), the model is written with `save_pretrained`, converted through the CL
 from the Orbax checkpoint, and both models run in fp32.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -28,9 +30,10 @@ CONFIGS = {
     # 7B-style: MHA, pre-norm, one QK-norm group.
     "7b": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=4, model_parallel_size=1, swin_norm=False),
-    # 34B-style: GQA (2 q heads per kv head), swin block order, 3 QK-norm groups (4 q / 2 kv heads each).
-    "34b": dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=12,
-                num_key_value_heads=6, model_parallel_size=3, swin_norm=True),
+    # 34B-style: GQA (2 q heads per kv head), swin block order, 4 QK-norm groups (4 q / 2 kv heads
+    # each), like the released 30B's 4 shards.
+    "34b": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=16,
+                num_key_value_heads=8, model_parallel_size=4, swin_norm=True),
 }
 
 
@@ -85,7 +88,7 @@ def converted(request, tmp_path_factory):
     convert_main(["--from", "hf", "--src", str(root / "hf"), "--out", str(root / "ours")])
     config, params = load_converted(str(root / "ours"))
     cfg = M.ModelConfig.from_config(config.model)
-    return request.param, hf, cfg, params, config
+    return request.param, hf, cfg, params, config, root
 
 
 def _hf_logits(hf, tokens, positions=None):
@@ -113,7 +116,7 @@ def _mixed_tokens(rng, length):
 
 
 def test_config_derived_from_hf(converted):
-    name, hf, cfg, _, config = converted
+    name, hf, cfg, _, config, _ = converted
     c = hf.config
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (
         c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
@@ -123,7 +126,7 @@ def test_config_derived_from_hf(converted):
 
 
 def test_logits_match_hf(converted):
-    name, hf, cfg, params, _ = converted
+    name, hf, cfg, params, _, _ = converted
     rng = np.random.default_rng(0)
     tokens = np.stack([_mixed_tokens(rng, 24), _mixed_tokens(rng, 24)])
     assert ((tokens >= IMAGE_IDS[0]) & (tokens < IMAGE_IDS[1])).any()
@@ -144,7 +147,7 @@ def test_logits_match_hf(converted):
 
 
 def test_packed_documents_match_hf_run_alone(converted):
-    name, hf, cfg, params, _ = converted
+    name, hf, cfg, params, _, _ = converted
     rng = np.random.default_rng(1)
     docs = [_mixed_tokens(rng, 14), _mixed_tokens(rng, 9)]
     pad = 5
@@ -180,3 +183,63 @@ def test_rejects_untied_rows_within_a_qk_group():
     tensors["model.layers.0.self_attn.q_norm.bias"][1, 0] += 1e-3  # head 1 drifts from head 0 (group 0)
     with pytest.raises(ValueError, match=r"q_norm.bias: rows within QK-norm group 0 differ"):
         params_from_hf(tensors, cfg)
+
+
+# --- Meta's release layout (`--from meta`) -------------------------------------------------------------
+
+
+def _write_meta_release(hf, out):
+    """Writes `hf`'s weights in Meta's layout: one consolidated*.pth per model-parallel shard, adjacent-pair
+    RoPE rows, one q/k-norm vector per shard. This inverts HF's converter (spec §9.2–9.3)."""
+    c = hf.config
+    shards, n, k = c.model_parallel_size, c.num_attention_heads, c.num_key_value_heads
+    hd = c.hidden_size // n
+    sd = {name: p.detach().clone() for name, p in hf.state_dict().items() if not name.startswith("model.vqmodel.")}
+
+    def adjacent(w, heads):  # HF half-split rows -> Meta adjacent-pair rows, per head
+        return w.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
+
+    def chunk(w, dim, s):
+        return w.chunk(shards, dim=dim)[s].clone()
+
+    out.mkdir()
+    for s in range(shards):
+        state = {"tok_embeddings.weight": chunk(sd["model.embed_tokens.weight"], 1, s),
+                 "norm.weight": sd["model.norm.weight"], "output.weight": chunk(sd["lm_head.weight"], 0, s),
+                 "rope.freqs": torch.zeros(hd // 2)}
+        for i in range(c.num_hidden_layers):
+            hf_l, m = f"model.layers.{i}.", f"layers.{i}."
+            state[m + "attention.wq.weight"] = chunk(adjacent(sd[hf_l + "self_attn.q_proj.weight"], n), 0, s)
+            state[m + "attention.wk.weight"] = chunk(adjacent(sd[hf_l + "self_attn.k_proj.weight"], k), 0, s)
+            state[m + "attention.wv.weight"] = chunk(sd[hf_l + "self_attn.v_proj.weight"], 0, s)
+            state[m + "attention.wo.weight"] = chunk(sd[hf_l + "self_attn.o_proj.weight"], 1, s)
+            for ours, theirs, heads in (("q_normalization", "q_norm", n), ("k_normalization", "k_norm", k)):
+                for part in ("weight", "bias"):
+                    row = sd[f"{hf_l}self_attn.{theirs}.{part}"][s * heads // shards]
+                    state[f"{m}attention.{ours}.{part}"] = row.view(2, hd // 2).T.reshape(hd).clone()
+            state[m + "feed_forward.w1.weight"] = chunk(sd[hf_l + "mlp.gate_proj.weight"], 0, s)
+            state[m + "feed_forward.w3.weight"] = chunk(sd[hf_l + "mlp.up_proj.weight"], 0, s)
+            state[m + "feed_forward.w2.weight"] = chunk(sd[hf_l + "mlp.down_proj.weight"], 1, s)
+            state[m + "attention_norm.weight"] = sd[hf_l + "input_layernorm.weight"]
+            state[m + "ffn_norm.weight"] = sd[hf_l + "post_attention_layernorm.weight"]
+        name = "consolidated.pth" if shards == 1 else f"consolidated.{s:02d}.pth"
+        torch.save(state, out / name)
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": n, "n_kv_heads": k,
+              "vocab_size": c.vocab_size, "norm_eps": c.rms_norm_eps, "rope_theta": 10_000.0,
+              "qk_normalization": True, "swin_norm": c.swin_norm, "multiple_of": 256}
+    (out / "params.json").write_text(json.dumps({"model": params}))
+    (out / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": shards}))
+
+
+def test_meta_release_imports_to_the_same_params(converted):
+    """Meta shards (adjacent RoPE rows, per-shard norms) import to exactly the params of the HF import,
+    whose logits match HF above."""
+    name, hf, cfg, hf_params, _, root = converted
+    _write_meta_release(hf, root / "meta")
+    convert_main(["--from", "meta", "--src", str(root / "meta"), "--out", str(root / "ours_meta"),
+                  "--image-ids", f"{IMAGE_IDS[0]}:{IMAGE_IDS[1]}"])
+    config, params = load_converted(str(root / "ours_meta"))
+    assert M.ModelConfig.from_config(config.model) == cfg
+    flat_hf = dict(jax.tree_util.tree_leaves_with_path(hf_params))
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_hf[path]), err_msg=f"{name} {path}")

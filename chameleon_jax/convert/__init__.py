@@ -82,20 +82,24 @@ def load_converted(out_dir: str, sharding: jax.sharding.Sharding | None = None):
     return config, params
 
 
-def convert(source: str, src: str, out_dir: str, param_dtype: str = "float32"):
-    """Imports `src` (layout `source`: 'hf' or 'meta') and writes it to out_dir; returns the config."""
+def convert(source: str, src: str, out_dir: str, param_dtype: str = "float32", image_ids=None):
+    """Imports `src` (layout `source`: 'hf' or 'meta') and writes it to out_dir; returns the config.
+
+    `image_ids` ([start, stop) of the image-code ids) overrides what the source says (HF: its
+    vocabulary_map) and the Chameleon default (4, 8196).
+    """
     dtype = jax.numpy.dtype(param_dtype)
     if source == "hf":
         from chameleon_jax.convert.hf import load_hf
 
-        fields, params, image_ids = load_hf(src, dtype)
+        fields, params, found_ids = load_hf(src, dtype)
     elif source == "meta":
         from chameleon_jax.convert.meta import load_meta
 
-        fields, params, image_ids = load_meta(src, dtype)
+        fields, params, found_ids = load_meta(src, dtype)
     else:
         raise ValueError(f"--from {source!r}: choose 'hf' (save_pretrained directory) or 'meta' "
                          f"(consolidated*.pth + params.json).")
-    config = experiment_config(fields, image_ids, param_dtype)
+    config = experiment_config(fields, image_ids or found_ids, param_dtype)
     save_converted(out_dir, config, params)
     return config

@@ -20,11 +20,15 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory to write (config.json, params/)")
     parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the written params (float32 = training master weights)")
+    parser.add_argument("--image-ids", default=None, metavar="START:STOP",
+                        help="image-code id range written to loss.image_ids (default: HF's "
+                             "vocabulary_map, else Chameleon's 4:8196)")
     args = parser.parse_args(argv)
+    image_ids = None if args.image_ids is None else tuple(int(i) for i in args.image_ids.split(":"))
 
     from chameleon_jax.convert import convert
 
-    config = convert(args.source, args.src, args.out, args.param_dtype)
+    config = convert(args.source, args.src, args.out, args.param_dtype, image_ids)
     m = config.model
     print(f"wrote {args.out}: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads / "
           f"{m.n_kv_heads} kv, qk_norm_groups {m.qk_norm_groups}, block_order {m.block_order}")
