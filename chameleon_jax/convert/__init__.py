@@ -1,8 +1,9 @@
 """Weight import into our params layout: HF transformers (`hf`) and Meta's release (`meta`), spec §9.
 
-A converted directory holds `config.json` (a full experiment config, ml_collections-compatible, whose
-`model` section describes the imported weights) and `params/`, an Orbax checkpoint of the pure
-params dict (layers stacked along a leading L axis, as `chameleon_jax.model.init_params` makes them).
+A converted directory is a params export of `chameleon_jax.checkpoint` (`export_params`): `state/`, an
+Orbax checkpoint of {"params": pure params dict} (layers stacked along a leading L axis, as
+`chameleon_jax.model.init_params` makes them), and `config.json`, a full experiment config
+(ml_collections-compatible) whose `model` section describes the imported weights.
 
     python -m chameleon_jax.convert --from hf --src HF_DIR --out OUT_DIR
     config, params = chameleon_jax.convert.load_converted(OUT_DIR)
@@ -10,21 +11,15 @@ params dict (layers stacked along a leading L axis, as `chameleon_jax.model.init
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from chameleon_jax import checkpoint
 from chameleon_jax.config import base_config, validate
 from chameleon_jax.model import ModelConfig, abstract
 
 __all__ = ["experiment_config", "check_params", "save_converted", "load_converted", "convert"]
-
-PARAMS_DIR = "params"
-CONFIG_FILE = "config.json"
 
 
 def experiment_config(model_fields: dict, image_ids=None, param_dtype: str = "float32"):
@@ -51,35 +46,20 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
 
 
 def save_converted(out_dir: str, config, params: dict) -> None:
-    """Writes config.json and the Orbax params checkpoint under out_dir."""
-    # TODO: use chameleon_jax/checkpoint.py once it lands; plain Orbax keeps the layout simple to adopt.
-    import orbax.checkpoint as ocp
-
+    """Writes the params export (`OUT/state`, `OUT/config.json`) that training and eval restore."""
     check_params(params, ModelConfig.from_config(config.model))
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, PARAMS_DIR), params, force=True)
-        ckptr.wait_until_finished()
+    checkpoint.export_params(params, out_dir, config)
 
 
 def load_converted(out_dir: str, sharding: jax.sharding.Sharding | None = None):
     """(experiment config, params) from a converted directory; params land on `sharding`
     (default: the first local device)."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
-    with open(os.path.join(out_dir, CONFIG_FILE)) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = checkpoint.read_config(out_dir)
     cfg = ModelConfig.from_config(config.model)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           nnx.to_pure_dict(abstract(cfg)[1]))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(out_dir, PARAMS_DIR), target)
-    return config, params
+    return config, checkpoint.restore_params(out_dir, target)
 
 
 def convert(source: str, src: str, out_dir: str, param_dtype: str = "float32", image_ids=None):

@@ -17,7 +17,7 @@ def main(argv=None):
                              "(safetensors); meta: the official release folder (params.json, "
                              "consolidated*.pth)")
     parser.add_argument("--src", required=True, help="directory to read")
-    parser.add_argument("--out", required=True, help="directory to write (config.json, params/)")
+    parser.add_argument("--out", required=True, help="directory to write (state/, config.json)")
     parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="dtype of the written params (float32 = training master weights)")
     parser.add_argument("--image-ids", default=None, metavar="START:STOP",
