@@ -152,7 +152,7 @@ def _load_images(doc: readers.Document, load_image: ImageLoader) -> list[np.ndar
             out.append(load_image(ref))
         except Exception as e:  # PIL raises many types for corrupt/truncated files; all are a skip
             name = ref if isinstance(ref, str) else f"<{len(ref)} bytes>"
-            raise BadItem(f"corrupt image {name}: {type(e).__name__}: {e}") from e
+            raise BadItem(f"corrupt image {name}: {e}") from e
     return out
 
 
@@ -203,3 +203,93 @@ def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncod
     log.info("%s: %d documents, tokens %s, %d skipped %s", out_dir, manifest["documents"], manifest["tokens"],
              len(manifest["skipped"]), manifest["skipped_by_reason"])
     return manifest
+
+
+def vqgan_tools(config, checkpoint: str | None, encode_batch: int, seed: int = 0):
+    """(encode_images, load_image, codebook size) from a VQ-GAN config and its Orbax params checkpoint."""
+    import functools
+
+    import jax
+
+    from chameleon_jax.vqgan import images as vq_images, model as vq_model
+
+    cfg = config if isinstance(config, vq_model.VQGANConfig) else vq_model.VQGANConfig.from_dict(
+        config.get("model", config) if hasattr(config, "get") else config)
+    if checkpoint:
+        import orbax.checkpoint as ocp
+
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"--vqgan_checkpoint {checkpoint} does not exist; point it at the params "
+                                    "directory of a trained VQ-GAN, or pass --vqgan_random_init for a smoke run")
+        params = ocp.StandardCheckpointer().restore(os.path.abspath(checkpoint))
+        params = params.get("params", params)
+    else:
+        log.warning("VQ-GAN params are random: the codes carry no meaning (smoke runs and benchmarks only)")
+        params = random_params(vq_model.init, cfg, seed)
+    return (batched_encoder(vq_model.encode, params, encode_batch),
+            functools.partial(vq_images.load_image, size=cfg.resolution), cfg.n_embed)
+
+
+def random_params(init, cfg, seed: int = 0):
+    """Random weights of init's shapes (fan-in scaled; norm scales 1, biases 0), without running init.
+
+    Only for smoke runs, tests and benchmarks: it costs a trace instead of hundreds of eager ops.
+    """
+    import jax
+
+    shapes = jax.eval_shape(lambda k: init(k, cfg), jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path).lower()
+        if len(s.shape) >= 2:
+            return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+        return (np.ones if any(k in name for k in ("scale", "gamma", "weight")) else np.zeros)(s.shape, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def main(argv):
+    del argv
+    import jax
+    from absl import flags
+
+    from chameleon_jax import text
+
+    f = flags.FLAGS
+    if f.vqgan_config is None:
+        raise SystemExit("--vqgan_config is required (e.g. experiments/vqgan_shapes.py); it sizes the images "
+                         "and the image-code block")
+    if not f.vqgan_checkpoint and not f.vqgan_random_init:
+        raise SystemExit("pass --vqgan_checkpoint DIR (trained params), or --vqgan_random_init for a smoke run")
+    encode, load, codes = vqgan_tools(f.vqgan_config, f.vqgan_checkpoint, f.encode_batch, f.seed)
+    tokenizer = text.load(f.tokenizer, image_codes=codes)
+    pi = jax.process_index() if f.process_index < 0 else f.process_index
+    pc = jax.process_count() if f.process_count < 0 else f.process_count
+    m = run(f.input, f.out, tokenizer=tokenizer, encode_images=encode, load_image=load,
+            docs_per_shard=f.docs_per_shard, seed=f.seed, seq_len=f.seq_len, encode_batch=f.encode_batch,
+            process_index=pi, process_count=pc)
+    print(f"{f.out}: {m['documents']} documents in {m['shards']} shards; tokens {m['tokens']}; "
+          f"skipped {m['skipped_by_reason'] or 'none'} (details in {f.out}/manifest.json)")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_list("input", None, "JSONL files, image folders (IMG + IMG.txt), .tar shards or folders of them")
+    flags.DEFINE_string("out", None, "output directory for shards and manifest.json")
+    flags.DEFINE_string("tokenizer", None, "sentencepiece .model (from `python -m chameleon_jax.text train`) or "
+                                           "the official text_tokenizer.json")
+    config_flags.DEFINE_config_file("vqgan_config", None, "VQ-GAN config file (its `model` block, or the fields "
+                                                          "of VQGANConfig)")
+    flags.DEFINE_string("vqgan_checkpoint", None, "Orbax directory with the VQ-GAN params")
+    flags.DEFINE_bool("vqgan_random_init", False, "use randomly initialised VQ-GAN params (smoke runs only)")
+    flags.DEFINE_integer("docs_per_shard", 1000, "input documents per output shard (the resume unit)")
+    flags.DEFINE_integer("encode_batch", 16, "images per jitted VQ-GAN call")
+    flags.DEFINE_integer("seed", 0, "seed of the image-first flip of pairs")
+    flags.DEFINE_integer("seq_len", 0, "skip documents holding an image longer than this (0 = no check)")
+    flags.DEFINE_integer("process_index", -1, "this host's index (default: jax.process_index())")
+    flags.DEFINE_integer("process_count", -1, "number of hosts (default: jax.process_count())")
+    flags.mark_flags_as_required(["input", "out", "tokenizer"])
+    app.run(main)

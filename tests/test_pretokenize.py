@@ -168,3 +168,34 @@ def test_pretokenized_output_feeds_the_pipeline(raw, tmp_path, tokenizer):
     assert it.vocab == tokenizer.vocab
     b = next(it)
     assert b["tokens"].shape == (2, 32) and tokenizer.vocab.is_image(b["tokens"]).any()
+
+
+VQGAN_CONFIG = '''
+import ml_collections
+def get_config(arg=None):
+    return ml_collections.ConfigDict(dict(model=dict(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+                                                     z_channels=32, embed_dim=32, n_embed=64)))
+'''
+
+
+def test_cli_pretokenizes_the_shapes_corpus_with_a_real_vqgan(tmp_path, tokenizer):
+    import subprocess
+    import sys
+
+    raw = corpora.write_shapes(str(tmp_path / "shapes"), count=6)
+    (tmp_path / "vqgan_tiny.py").write_text(VQGAN_CONFIG)
+    spm = text.train_sentencepiece([d["text"] for d in corpora.pydoc_documents()][:100] +
+                                   [json.loads(line)["caption"] for line in open(raw)], str(tmp_path / "spm"), 500)
+    r = subprocess.run([sys.executable, "-m", "chameleon_jax.pretokenize", f"--input={raw}", f"--out={tmp_path}/tok",
+                        f"--tokenizer={spm}", f"--vqgan_config={tmp_path}/vqgan_tiny.py", "--vqgan_random_init",
+                        "--encode_batch=4"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.load(open(tmp_path / "tok/manifest.json"))
+    assert m["documents"] == 6 and not m["skipped"]
+    assert m["tokens"]["image"] == 6 * 8 * 8  # 32 px / f=4 -> 8x8 codes per image
+    v = V.Vocab(**m["vocab"])
+    assert v.image_codes == 64
+    for d in _all_records(tmp_path / "tok"):
+        codes = d["tokens"][v.is_image(d["tokens"])]
+        assert len(codes) == 64 and codes.min() >= v.image_start
