@@ -1,0 +1,98 @@
+"""Run a multi-process JAX job on this machine: N processes joined by jax.distributed on localhost.
+
+    python launch/local.py --processes 2 --devices 2 -- \\
+        python -m chameleon_jax.train --config experiments/tiny.py --workdir /tmp/mh --config.mesh.data=2
+
+Each process gets `--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I` appended,
+`JAX_NUM_CPU_DEVICES=<devices>` and `JAX_PLATFORMS=cpu`, and runs under `timeout`, because when one
+process of a jax.distributed job dies the others block in collectives for minutes. The first failure
+stops the rest. SIGTERM/SIGINT to the launcher is forwarded to every process (they save and exit).
+Output lines are prefixed with the process index.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_commands(command: list[str], processes: int, port: int, timeout_s: int) -> list[list[str]]:
+    """The exact command line of every process."""
+    return [["timeout", "-k", "10", str(timeout_s), *command, "--coordinator_address", f"127.0.0.1:{port}",
+             "--num_processes", str(processes), "--process_id", str(i)] for i in range(processes)]
+
+
+def _pump(stream, prefix: str, out):
+    for line in iter(stream.readline, b""):
+        out.write(f"{prefix}{line.decode(errors='replace')}")
+        out.flush()
+
+
+def run(command: list[str], processes: int = 2, devices: int = 2, timeout_s: int = 600,
+        port: int | None = None, env: dict | None = None) -> int:
+    """Starts the processes, waits for all of them; returns 0 or the first failing exit code."""
+    port = port or free_port()
+    env = dict(env or os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+             for cmd in process_commands(command, processes, port, timeout_s)]
+    pumps = [threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", sys.stdout), daemon=True)
+             for i, p in enumerate(procs)]
+    for t in pumps:
+        t.start()
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signum)  # the group: `timeout` and the python under it
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        failed = 0
+        while any(p.poll() is None for p in procs):
+            for p in procs:
+                if p.poll() not in (None, 0) and not failed:
+                    failed = p.returncode
+                    for q in procs:  # the survivors would hang in a collective
+                        if q.poll() is None:
+                            os.killpg(q.pid, signal.SIGKILL)
+            time.sleep(0.1)
+        for t in pumps:
+            t.join(timeout=5)
+        return failed or next((p.returncode for p in procs if p.returncode), 0)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=2, help="fake CPU devices per process")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds before every process is killed")
+    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command each process runs")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --, e.g. -- python -m chameleon_jax.train --config ...")
+    if args.dry_run:
+        for cmd in process_commands(command, args.processes, args.port or 12345, args.timeout):
+            print(f"JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES={args.devices} " + " ".join(cmd))
+        return 0
+    return run(command, args.processes, args.devices, args.timeout, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
