@@ -193,3 +193,17 @@ def test_missing_or_empty_sources_fail_before_training_with_the_fix(tmp_path, so
     c.stages = [{"weights": {"a": 1.0, "zzz": 1.0}, "until": None}]
     with pytest.raises(ValueError, match="unknown sources"):
         pipeline.make_train_iterator(c, process_index=0, process_count=1)
+
+
+def test_global_batches_carry_the_train_steps_input_sharding(sources):
+    import jax
+    from jax.sharding import AxisType
+
+    from chameleon_jax.model import sharding as shd
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    it = pipeline.make_train_iterator(_config(sources[0]), seq_len=40, batch_size=8, process_index=0, process_count=1)
+    local = next(it)
+    g = pipeline.to_global_batch(local, mesh)
+    assert g["tokens"].shape == (8, 40) and g["tokens"].sharding.spec == shd.BATCH_SPEC
+    np.testing.assert_array_equal(np.asarray(g["positions"]), local["positions"])
