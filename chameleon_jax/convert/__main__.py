@@ -26,6 +26,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     image_ids = None if args.image_ids is None else tuple(int(i) for i in args.image_ids.split(":"))
 
+    import jax
+
+    # Conversion is host-side numpy work; keep accelerators free for a job running beside it.
+    jax.config.update("jax_platforms", "cpu")
     from chameleon_jax.convert import convert
 
     config = convert(args.source, args.src, args.out, args.param_dtype, image_ids)
