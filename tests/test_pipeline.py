@@ -146,27 +146,37 @@ def test_host_slices_are_disjoint_and_cover_the_source(sources):
     assert set().union(*seen) == {tuple(d) for d in docs["a"]}
 
 
-def test_exact_resume_through_orbax_with_worker_processes(sources, tmp_path):
+def _resume_matches(c, tmp_path, total_steps, before=3, after=3):
     import orbax.checkpoint as ocp
 
-    c = _config(sources[0], num_workers=2)
-    c.stages = [{"weights": {"a": 1.0, "b": 1.0}, "until": 0.5}, {"weights": {"b": 1.0}, "until": None}]
-    make = lambda: pipeline.make_train_iterator(c, total_steps=8, process_index=0, process_count=1)
+    make = lambda: pipeline.make_train_iterator(c, total_steps=total_steps, process_index=0, process_count=1)
     it = make()
-    for _ in range(3):
+    for _ in range(before):
         next(it)
     mngr = ocp.CheckpointManager(tmp_path / "ckpt")
-    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(before, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
-    want = [next(it) for _ in range(3)]  # crosses the stage boundary at step 4
+    want = [next(it) for _ in range(after)]
     it.close()
     resumed = make()
-    mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
-    got = [next(resumed) for _ in range(3)]
+    mngr.restore(before, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    got = [next(resumed) for _ in range(after)]
     resumed.close()
     for w, g in zip(want, got):
         for k in w:
             np.testing.assert_array_equal(w[k], g[k])
+
+
+def test_exact_resume_through_orbax_with_worker_processes(sources, tmp_path):
+    c = _config(sources[0], num_workers=2)
+    c.stages = [{"weights": {"a": 1.0, "b": 1.0}, "until": None}]
+    _resume_matches(c, tmp_path, None)
+
+
+def test_exact_resume_across_a_stage_boundary(sources, tmp_path):
+    c = _config(sources[0])
+    c.stages = [{"weights": {"a": 1.0, "b": 1.0}, "until": 0.5}, {"weights": {"b": 1.0}, "until": None}]
+    _resume_matches(c, tmp_path, total_steps=8)  # saved at step 3, the boundary is at step 4
 
 
 def test_documents_with_an_image_longer_than_seq_len_are_skipped_counted_and_logged(tmp_path, caplog):
