@@ -160,6 +160,7 @@ def test_packed_documents_match_hf_run_alone(converted):
     for doc in docs:
         ref = _hf_logits(hf, doc[None])[0]
         diff = np.abs(ours[start:start + len(doc)] - ref).max()
+        print(f"{name}: packed document at {start}: max |logits diff| vs HF alone = {diff:.2e}")
         assert diff <= TOL, f"{name}: packed document at {start} differs from HF alone by {diff:.3g}"
         start += len(doc)
 
