@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -157,7 +158,7 @@ def main(argv):
     config = _CONFIG.value
     if _TOPOLOGY.value:
         from chameleon_jax import aot  # sets libtpu's env before any backend starts
-        if not _NUM_DEVICES.value:
+        if not os.environ.get("JAX_PLATFORMS"):  # TPU devices are compile-only; the host runs nothing
             jax.config.update("jax_platforms", "cpu")
     num_devices = _NUM_DEVICES.value or (
         topology_chips(_TOPOLOGY.value) if _TOPOLOGY.value else jax.device_count())
