@@ -45,6 +45,11 @@ from chameleon_jax.train import throughput
 log = logging.getLogger(__name__)
 
 
+# Printed above the progress bar every logging window.
+_CONSOLE = ("train/loss", "train/text/accuracy", "train/image/accuracy", "train/grad_norm",
+            "train/learning_rate", "perf/tokens_per_s", "perf/mfu", "perf/data_wait_fraction")
+
+
 class NonFiniteError(RuntimeError):
     """K consecutive steps had a non-finite loss or gradient; the run stopped without saving them."""
 
@@ -106,6 +111,8 @@ class Window:
         self.grad_norm = self.last_layer_rms = 0.0
         self.last_layer_rms_max = 0.0
         self.data_wait = 0.0
+        self.untimed_steps = 0  # compile steps and eval time are not throughput
+        self.untimed_s = 0.0
         self.last = {}
 
     def add(self, m: dict):
@@ -174,6 +181,14 @@ def _all_finite(tree) -> bool:
     return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
 
 
+def save_checkpoint(manager, step: int, state, data_iterator, config, *, force=False, last_good=None):
+    """Starts an async save of {state, data, config}; a state with NaN/Inf is never saved."""
+    if not _all_finite((state["params"], state["opt_state"])):
+        raise NonFiniteError(f"step {step}: the train state has non-finite values; refusing to save it. "
+                             f"The last good checkpoint is step {last_good}.")
+    ckpt.save(manager, step, state, data_iterator, config, force=force)
+
+
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
@@ -191,6 +206,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
 
     # ---- Config and mesh ----------------------------------------------------------------------
     model_cfg = config_lib.validate(config, num_devices=jax.device_count())
+    if config.checkpoint.every % config.train.log_every:
+        raise ValueError(f"checkpoint.every={config.checkpoint.every} must be a multiple of train.log_every="
+                         f"{config.train.log_every}, so that a resumed run logs the same windows")
     mesh = shd.make_mesh(config.mesh)
     rules = shd.rules_from_config(config.sharding_rules)
     log.info("mesh %s over %d devices, %d process(es)", dict(mesh.shape), jax.device_count(),
@@ -211,8 +229,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
                                   step_lib.abstract_state(model_cfg, tx), shardings)
 
     # ---- Init or restore -----------------------------------------------------------------------
-    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
-                                async_save=config.checkpoint.async_save)
+    manager = ckpt.make_manager(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save)
     start = manager.latest_step()
     if start is not None:
         state = ckpt.restore(manager, start, abstract_state, train_iter)
@@ -246,24 +264,31 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
 
     def log_window(at_step: int, window: Window, wall: float):
         out = window.summary()
-        out["perf/step_time_s"] = wall / max(window.steps, 1)
-        out["perf/tokens_per_s"] = tokens_per_step * window.steps / wall
-        out["perf/mfu"] = out["perf/tokens_per_s"] * flops_per_token / peak if peak else 0.0
-        out["perf/data_wait_fraction"] = window.data_wait / wall
+        timed, wall = window.steps - window.untimed_steps, wall - window.untimed_s
+        if timed > 0 and wall > 0:
+            out["perf/step_time_s"] = wall / timed
+            out["perf/tokens_per_s"] = tokens_per_step * timed / wall
+            out["perf/mfu"] = out["perf/tokens_per_s"] * flops_per_token / peak if peak else 0.0
+            out["perf/data_wait_fraction"] = min(window.data_wait / wall, 1.0)
         writer.write(at_step, out)
+        if is_main:
+            bar.write(f"step {at_step}: " + "  ".join(
+                f"{k.split('/', 1)[1]}={out[k]:.4g}" for k in _CONSOLE if k in out))
         return out
 
     def run_eval(at_step: int):
+        t = time.perf_counter()
         results = perplexity.evaluate(eval_step, state["params"], eval_batches(config), mesh)
         writer.write(at_step, {"eval/" + k: v for k, v in results.items()})
+        if is_main:
+            bar.write(f"step {at_step}: eval " + "  ".join(
+                f"{k}={v:.4g}" for k, v in results.items() if k.endswith("perplexity")))
+        window.untimed_s += time.perf_counter() - t
         return results
 
     def save(at_step: int, *, force: bool = False):
         nonlocal last_saved
-        if not _all_finite((state["params"], state["opt_state"])):
-            raise NonFiniteError(f"step {at_step}: the train state has non-finite values; refusing to "
-                                 f"save it. The last good checkpoint is step {last_saved}.")
-        ckpt.save(manager, at_step, state, train_iter, config, force=force)
+        save_checkpoint(manager, at_step, state, train_iter, config, force=force, last_good=last_saved)
         last_saved = at_step
 
     # ---- Loop ----------------------------------------------------------------------------------
@@ -273,6 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
     last_metrics: dict = {}
     pending = None
     preempted = False
+    first_step = step + 1
     max_bad = int(config.train.max_bad_steps)
     eval_every = int(config.train.eval_every)
 
@@ -280,7 +306,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
         nonlocal window, window_start, consecutive_bad, last_metrics
         m = jax.device_get(device_metrics)
         window.add(m)
-        window.data_wait += data_wait
+        if pending_step == first_step:  # this step compiled the update: time the window from here
+            window.untimed_steps += 1
+            window_start = time.perf_counter()
+        else:
+            window.data_wait += data_wait
         consecutive_bad = 0 if bool(m["finite"]) else consecutive_bad + 1
         if consecutive_bad >= max_bad:
             last_metrics = log_window(pending_step, window, time.perf_counter() - window_start)
@@ -295,8 +325,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
         if pending_step % config.train.log_every == 0 or pending_step == total_steps:
             last_metrics = log_window(pending_step, window, time.perf_counter() - window_start)
             window, window_start = Window(), time.perf_counter()
-            bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}",
-                            tok_s=f"{last_metrics['perf/tokens_per_s']:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}", refresh=False)
 
     with StopSignal() as stop, jax.set_mesh(mesh), shd.activation_rules(rules), \
             _progress(total_steps, step, is_main) as bar:
@@ -315,7 +344,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
                 pending = None
                 run_eval(step)
             if step % config.checkpoint.every == 0 or step == total_steps:
-                save(step)
+                if pending is not None:  # log up to this step before its checkpoint can exist
+                    consume(*pending)
+                    pending = None
+                save(step, force=True)
             if stop.agreed():
                 if pending is not None:
                     consume(*pending)
