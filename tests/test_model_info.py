@@ -3,12 +3,15 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import pytest
+
 from chameleon_jax.config import validate
 from chameleon_jax.model import flops
-from chameleon_jax.model_info import estimate_memory, topology_chips
+from chameleon_jax.model_info import estimate_memory, model_info, topology_chips
 from test_config import load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,8 +84,8 @@ def test_cli_json_is_one_object_and_takes_mesh_overrides():
     assert 0 < info["memory_per_device"]["params_bytes"] < 4 * 238_016
 
 
-def test_cli_rejects_a_bad_mesh_with_the_fix():
-    out = _run_cli("--config", "experiments/tiny.py", "--num_devices", "8", "--config.mesh.data=1",
-                   "--config.mesh.tensor=8")
-    assert out.returncode != 0
-    assert "pick mesh.tensor in [1, 2, 4]" in out.stderr
+def test_model_info_validates_the_mesh_first():
+    c = load("tiny")
+    c.mesh.update(data=1, fsdp=1, tensor=8)
+    with pytest.raises(ValueError, match=re.escape("pick mesh.tensor in [1, 2, 4]")):
+        model_info(c, 8)
