@@ -13,7 +13,8 @@ def get_config(arg=None):
                    ffn_dim=192, dropout=0.0, scan_layers=True)
     c.loss.image_ids = (4, 4 + 256)
     c.optimizer.update(peak_lr=3e-3, warmup_steps=20, decay="cosine")
-    c.train.update(steps=300, batch_size=8, seq_len=64, log_every=25)
+    c.train.update(steps=300, batch_size=8, seq_len=64, log_every=25, eval_every=100)
+    c.checkpoint.every = 100
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     if arg == "swin":
         c.model.block_order = "swin"
