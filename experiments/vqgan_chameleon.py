@@ -1,0 +1,26 @@
+"""Chameleon's tokenizer configuration (spec §4.2): 512 px -> 32×32 codes from 8192×256, ~68.7 M params,
+trained with the taming recipe (L1 + LPIPS-VGG + hinge PatchGAN with adaptive weight, Adam(0.5, 0.9)).
+
+    python -m chameleon_jax.vqgan.train --config experiments/vqgan_chameleon.py --workdir /ckpt/vqgan
+
+The shapes data block is a placeholder for real image data at this size; LPIPS needs `.[lpips]`.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = dict(resolution=512, in_channels=3, out_ch=3, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                   attn_resolutions=(), z_channels=256, embed_dim=256, n_embed=8192)
+    c.quantizer = dict(beta=0.25, legacy=True, l2_norm=False, dead_code_threshold=0.0, usage_decay=0.99)
+    c.loss = dict(reconstruction="l1", perceptual_weight=1.0, codebook_weight=1.0,
+                  disc_weight=0.8, disc_start=30_001, disc_adaptive=True, disc_ndf=64, disc_layers=3)
+    c.optim = dict(lr=4.5e-6 * 8, b1=0.5, b2=0.9, warmup_steps=0, decay_steps=1_000_000, final_lr_fraction=1.0,
+                   grad_clip=0.0)  # taming: lr = batch × 4.5e-6, constant
+    c.disc_optim = dict(c.optim)
+    c.data = dict(seed=0, batch_size=8, image_size=512)
+    c.train = dict(steps=500_000, log_every=50, eval_every=5000, checkpoint_every=2000, keep_checkpoints=3,
+                   time_budget_s=0)
+    c.eval = dict(num_images=64, lpips=True)
+    return c
