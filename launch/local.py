@@ -29,7 +29,8 @@ def free_port() -> int:
 
 def process_commands(command: list[str], processes: int, port: int, timeout_s: int) -> list[list[str]]:
     """The exact command line of every process."""
-    return [["timeout", "-k", "10", str(timeout_s), *command, "--coordinator_address", f"127.0.0.1:{port}",
+    # After a TERM (the timeout's own, or one forwarded by the launcher) a process has 60 s to save.
+    return [["timeout", "-k", "60", str(timeout_s), *command, "--coordinator_address", f"127.0.0.1:{port}",
              "--num_processes", str(processes), "--process_id", str(i)] for i in range(processes)]
 
 

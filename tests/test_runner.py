@@ -287,7 +287,9 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly(refere
         wait_for(lambda: any(r["step"] >= 4 for r in metrics_lib.read_metrics(tmp_path)), proc, 140,
                  "step 4 was logged")
         time.sleep(random.uniform(0.0, 0.3))
-        proc.send_signal(signal.SIGTERM)  # `timeout` passes it on to python
+        # To python itself: `timeout -k 5` would follow a TERM it receives with a KILL 5 s later.
+        python = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(python, signal.SIGTERM)
         assert proc.wait(60) == 0, Path(proc.log).read_text()[-3000:]
     finally:
         kill(proc)
