@@ -28,7 +28,7 @@ from chameleon_jax.train import runner
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16  # 2N
 OVERRIDES = {"train.steps": STEPS, "train.log_every": 4, "train.eval_every": 8, "eval.steps": 2,
-             "checkpoint.every": 4, "checkpoint.keep": 2, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+             "checkpoint.every": 4, "checkpoint.keep": 2, "checkpoint.keep_every": 8, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 
 
 def tiny_config(**extra):
@@ -134,7 +134,7 @@ def test_reference_run_learns_and_logs_everything(reference):
     evals = [r for r in records if "eval/perplexity" in r]
     assert [r["step"] for r in evals] == [8, 16] and "eval/image/perplexity" in evals[0]
     assert any((workdir / "tensorboard").iterdir())
-    assert complete_steps(workdir) == [12, 16]  # keep=2
+    assert complete_steps(workdir) == [8, 12, 16]  # the latest 2, and every 8th for good
 
 
 def test_sigkill_at_an_arbitrary_point_then_resume_is_bitwise_identical(reference, tmp_path):

@@ -176,9 +176,13 @@ class StopSignal:
         return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
+@jax.jit
+def _finite(leaves) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _all_finite(tree) -> bool:
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+    return bool(_finite([x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]))
 
 
 def save_checkpoint(manager, step: int, state, data_iterator, config, *, force=False, last_good=None):
@@ -288,8 +292,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
 
     def save(at_step: int, *, force: bool = False):
         nonlocal last_saved
+        t = time.perf_counter()
         save_checkpoint(manager, at_step, state, train_iter, config, force=force, last_good=last_saved)
         last_saved = at_step
+        window.untimed_s += time.perf_counter() - t  # the blocking part of an async save
 
     # ---- Loop ----------------------------------------------------------------------------------
     # Each step's metrics are fetched after the next step is dispatched, so the host never stalls
