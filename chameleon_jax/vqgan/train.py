@@ -337,7 +337,10 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     config = flags.FLAGS.config
     workdir = Path(flags.FLAGS.workdir)
+    finished = (workdir / EXPORT / "state").is_dir()
     params = train_or_load(config, workdir)
+    if not finished:
+        return  # the run's final held-out evaluation was printed (and logged) by train()
     scenes, images = eval_set(config)
     lp = jax.device_put(perceptual.load_params()) if config.eval.lpips and perceptual.available() else None
     metrics, _ = evaluate(params, scenes, images, n_embed=config.model.n_embed, lpips_params=lp)

@@ -1,0 +1,106 @@
+"""VQ-GAN model: shapes, architecture facts, straight-through gradients, quantizer losses, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chameleon_jax.vqgan import model as M
+
+TINY = M.VQGANConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, embed_dim=8, n_embed=64)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return M.init(jax.random.key(0), TINY)
+
+
+def _images(n, size=16, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32))
+
+
+def test_chameleon_config_matches_the_reference_parameter_count():
+    shapes = jax.eval_shape(lambda r: M.init(r, M.CHAMELEON), jax.random.key(0))
+    assert M.param_count(shapes) == 68_718_467  # the reference torch module (research note A1)
+    assert M.CHAMELEON.code_shape == (32, 32)
+    enc = shapes["encoder"]
+    assert "attn" not in enc["down"]["0"] and "attn_1" in enc["mid"]  # attention only in the mid block
+    assert len(shapes["decoder"]["up"]["0"]["block"]) == 3 and len(enc["down"]["0"]["block"]) == 2
+    assert "nin_shortcut" in enc["down"]["2"]["block"]["0"] and "nin_shortcut" not in enc["down"]["1"]["block"]["0"]
+    assert shapes["quantize"]["embedding"].shape == (8192, 256)
+
+
+def test_encode_decode_shapes_and_jit(params):
+    x = _images(2)
+    codes = jax.jit(M.encode)(params, x)
+    assert codes.shape == (2, 8, 8) and codes.dtype == jnp.int32
+    assert int(codes.min()) >= 0 and int(codes.max()) < 64
+    out = jax.jit(M.decode)(params, codes)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
+
+
+def test_downsample_pads_right_and_bottom_only():
+    p = {"conv": {"kernel": jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0), "bias": jnp.zeros((1,))}}
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    y = M.downsample(p, x)  # top-left tap of each stride-2 window = x[2i, 2j] with no top/left padding
+    np.testing.assert_array_equal(y[0, :, :, 0], x[0, ::2, ::2, 0])
+
+
+def test_group_norm_matches_definition():
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 64)) * 3 + 1
+    p = {"scale": jnp.linspace(0.5, 2, 64), "bias": jnp.linspace(-1, 1, 64)}
+    g = x.reshape(2, 16, 32, 2)
+    ref = (g - g.mean((1, 3), keepdims=True)) / jnp.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
+    ref = ref.reshape(2, 4, 4, 64) * p["scale"] + p["bias"]
+    np.testing.assert_allclose(M.group_norm(p, x), ref, atol=1e-5)
+    np.testing.assert_allclose(M.group_norm(p, x, swish=True), ref * jax.nn.sigmoid(ref), atol=1e-5)
+
+
+def test_quantizer_nearest_code_and_losses():
+    book = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    z = jnp.array([[[[0.9, 0.1], [0.1, 1.5]]]])
+    z_q, codes, loss = M.quantize(book, z, beta=0.25, legacy=True)
+    np.testing.assert_array_equal(codes, [[[1, 2]]])
+    np.testing.assert_allclose(z_q, book[jnp.array([[[1, 2]]])], atol=1e-6)
+    mse = jnp.mean(jnp.square(book[jnp.array([1, 2])] - z[0, 0]))
+    np.testing.assert_allclose(loss, 1.25 * mse, rtol=1e-6)  # both terms share the value; weights 1 + β
+    # legacy puts β on the codebook term, the paper form on the commitment term
+    g_leg = jax.grad(lambda e: M.quantize(e, z, legacy=True)[2])(book)
+    g_new = jax.grad(lambda e: M.quantize(e, z, legacy=False)[2])(book)
+    np.testing.assert_allclose(g_new, 4.0 * g_leg, rtol=1e-5)
+
+
+def test_straight_through_gradient_reaches_the_encoder(params):
+    x = _images(2)
+
+    def loss(p):
+        z = M.encode_latents(p, x)
+        z_q, _, _ = M.quantize(p["quantize"]["embedding"], z)
+        return jnp.mean(jnp.square(z_q))  # d/dz_q flows to z unchanged
+
+    g = jax.grad(loss)(params)
+    assert float(jnp.abs(g["encoder"]["conv_in"]["kernel"]).sum()) > 0
+    z = M.encode_latents(params, x)
+    gz = jax.grad(lambda z: jnp.sum(M.quantize(params["quantize"]["embedding"], z)[0] * 3.0))(z)
+    np.testing.assert_allclose(gz, 3.0, rtol=1e-6)  # identity Jacobian through the lookup
+
+
+def test_l2_norm_lookup_equals_plain_lookup_on_a_unit_codebook():
+    book = jax.random.normal(jax.random.key(2), (32, 8))
+    book = book / jnp.linalg.norm(book, axis=-1, keepdims=True)
+    z = jax.random.normal(jax.random.key(3), (4, 5, 5, 8)) * 4.0
+    _, c_l2, _ = M.quantize(book, z, l2_norm=True)
+    np.testing.assert_array_equal(c_l2, M.nearest_codes(book, z))
+
+
+def test_encode_is_batch_sharded_and_matches_unsharded(params):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = _images(8, seed=4)
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    codes = jax.jit(M.encode)(params, sharded)
+    assert len(codes.sharding.device_set) == 8
+    np.testing.assert_array_equal(codes, M.encode(params, x))
+
+
+def test_init_rejects_widths_groupnorm_cannot_split():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        M.init(jax.random.key(0), M.VQGANConfig(resolution=16, ch=16, ch_mult=(1, 2), n_embed=8, embed_dim=4))
