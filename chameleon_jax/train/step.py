@@ -77,9 +77,10 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
         model = model_lib.bind(graphdef, params)
         x, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"],
                      dropout_key=key if dropout else None)
-        logits = model.head(x)
-        loss, sums = loss_lib.loss_and_metrics(logits, batch, image_ids=loss_cfg.image_ids,
-                                               z_loss_weight=loss_cfg.z_loss_weight)
+        # Same as loss_and_metrics(model.head(x), ...) without materialising the [B, T, V] logits.
+        loss, sums = loss_lib.fused_loss_and_metrics(
+            model.final_norm(x), model.output[...], batch, image_ids=loss_cfg.image_ids,
+            z_loss_weight=loss_cfg.z_loss_weight)
         # Divergence monitor (paper §2.3): RMS of the last block's output over real tokens.
         real = (batch["segment_ids"] != 0).astype(jnp.float32)
         sq = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1)
