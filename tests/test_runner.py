@@ -28,7 +28,8 @@ from chameleon_jax.train import runner
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16  # 2N
 OVERRIDES = {"train.steps": STEPS, "train.log_every": 4, "train.eval_every": 8, "eval.steps": 2,
-             "checkpoint.every": 4, "checkpoint.keep": 2, "checkpoint.keep_every": 8, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+             "checkpoint.every": 4, "checkpoint.keep": 2, "checkpoint.keep_every": 8,
+             "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 
 
 def tiny_config(**extra):
@@ -298,3 +299,37 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_resumes_exactly(refere
     assert metrics_lib.read_metrics(tmp_path)[-1]["step"] == saved  # the partial window is logged too
     resumed = runner.train(tiny_config(), tmp_path)
     assert_bitwise_equal(resumed.state, ref.state)
+
+
+def test_trains_and_resumes_on_pretokenized_shards_through_the_grain_pipeline(tmp_path):
+    import dataclasses
+
+    import ml_collections
+
+    from chameleon_jax import vocab as V
+    from chameleon_jax.data import pipeline, records, shards
+
+    voc = V.custom(text_pieces=100, image_codes=16)
+    rng = np.random.default_rng(0)
+    docs = [records.interleaved_tokens([rng.integers(voc.text_start, voc.size, rng.integers(5, 30)),
+                                        records.Image(rng.integers(0, 16, (2, 2)))], voc) for _ in range(64)]
+    src = tmp_path / "tokens"
+    src.mkdir()
+    shards.write_shard(str(src / "s00000"), [records.serialize(d) for d in docs], {
+        "documents": len(docs), "tokens": {"all": int(sum(map(len, docs)))}, "skipped": [],
+        "max_image_block": 6, "vocab": dataclasses.asdict(voc)})
+    config = tiny_config(**{"loss.image_ids": (4, 20), "train.steps": 4, "train.log_every": 2,
+                            "checkpoint.every": 2, "train.eval_every": 4})
+    data = pipeline.default_config()
+    data.kind, data.sources = "tokens", {"docs": str(src)}
+    config.data = ml_collections.ConfigDict(data.to_dict())
+    config.eval.data = ml_collections.ConfigDict({"seed": 7})
+    runner.train(config, tmp_path / "run")
+    config.train.steps = 6  # resume: the pipeline's iterator continues from its saved position
+    result = runner.train(config, tmp_path / "run")
+    assert result.step == 6
+    records_ = metrics_lib.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records_ if "train/loss" in r] == [2, 4, 6]
+    assert all(np.isfinite(r["eval/perplexity"]) for r in records_ if "eval/perplexity" in r)
+    saved = json.loads((tmp_path / "run/checkpoints/6/data/process_0-of-1.json").read_text())
+    assert saved["step"] == 6  # the pipeline's own position, advanced through the resume
