@@ -138,13 +138,16 @@ def repetition_penalty(logits, presence, penalty) -> jax.Array:
     return jnp.where(presence, scaled, logits)
 
 
-def sample(logits, key, temperature, top_k, top_p, *, filtered: bool = True) -> jax.Array:
+def sample(logits, key, temperature, top_k, top_p, *, filtered: bool = True, greedy_only: bool = False) -> jax.Array:
     """One id per row from logits [B, V] (−inf = forbidden), with per-row sampler settings [B].
 
     temperature 0 → argmax. Order as in HF: temperature, then top-k, then top-p on the renormalised
-    top-k distribution. `filtered=False` (static) skips the sort when no row uses top-k/top-p.
+    top-k distribution. `filtered=False` (static) skips the sort when no row uses top-k/top-p, and
+    `greedy_only` (static) skips drawing random numbers (B·V of them per step) when every row is greedy.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy_only:
+        return greedy
     hot = temperature > 0
     x = logits / jnp.where(hot, temperature, 1.0)[:, None]
     if filtered:
@@ -161,8 +164,20 @@ def sample(logits, key, temperature, top_k, top_p, *, filtered: bool = True) -> 
         n_keep = jnp.sum(keep, axis=-1)
         threshold = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
         x = jnp.where(x >= threshold, x, NEG_INF)
-    drawn = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+    drawn = _inverse_cdf(x, key)
     return jnp.where(hot, drawn, greedy)
+
+
+def _inverse_cdf(x, key) -> jax.Array:
+    """Draws from softmax(x) per row with one uniform per row (Gumbel-max would need B·V random numbers,
+    which dominates a CPU decode step at V=65,536). −inf entries have zero mass and are never drawn."""
+    probs = jax.nn.softmax(x, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, x.shape[:1], jnp.float32) * cdf[:, -1]
+    idx = jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), x.shape[-1] - 1).astype(jnp.int32)
+    # Rounding can land u past the last non-zero entry; fall back to the most likely id then.
+    ok = jnp.take_along_axis(probs, idx[:, None], axis=-1)[:, 0] > 0
+    return jnp.where(ok, idx, jnp.argmax(x, axis=-1).astype(jnp.int32))
 
 
 def next_token(g: Grammar, logits, state: ModalityState, remaining, key, text: SamplingParams,
@@ -180,7 +195,8 @@ def next_token(g: Grammar, logits, state: ModalityState, remaining, key, text: S
     pick = lambda a, b: jnp.where(is_image, b, a)
     filtered = (text.top_k, text.top_p, image.top_k, image.top_p) != (0, 1.0, 0, 1.0)
     token = sample(logits, key, pick(text.temperature, image.temperature), pick(text.top_k, image.top_k),
-                   pick(text.top_p, image.top_p), filtered=filtered)
+                   pick(text.top_p, image.top_p), filtered=filtered,
+                   greedy_only=text.temperature == 0 and image.temperature == 0)
     pad = g.vocab.pad if pad_id is None else pad_id
     token = jnp.where(state.done, pad, token)
     return token, advance(g, state, token)
