@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding_rules = ml_collections.ConfigDict()  # overrides of model.sharding.DEFAULT_RULES
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=8, seq_len=4096, seed=0, log_every=50, eval_every=0,
-        max_bad_steps=10))
+        max_bad_steps=10,
+        peak_flops=0.0))  # MFU denominator for all devices; 0 = datasheet (TPU/GPU) or measured (CPU)
     c.attention = ml_collections.ConfigDict(dict(kernel="dot_product", block_size=1))
     # Token source (train.batch_size / train.seq_len are the one source of truth for the shape):
     # kind "synthetic" (built-in, chameleon_jax.data.synthetic) or "tokens" (pretokenized shards,

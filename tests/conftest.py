@@ -4,8 +4,9 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent XLA cache: tests (and the processes they start, which inherit it) compile the same tiny
-# train steps many times; compiles over 1 s are reused.
+# train steps many times.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "chameleon_jax_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 

@@ -26,7 +26,7 @@ def train_command(workdir):
     return [sys.executable, "-m", "chameleon_jax.train", "--config", str(REPO / "experiments/tiny.py"),
             "--workdir", str(workdir), "--config.train.steps=12", "--config.train.log_every=2",
             "--config.checkpoint.every=4", "--config.train.eval_every=0", "--config.mesh.data=2",
-            "--config.mesh.fsdp=2", "--config.mesh.tensor=1"]
+            "--config.mesh.fsdp=2", "--config.mesh.tensor=1", "--config.train.peak_flops=1e11"]
 
 
 def complete_steps(workdir):

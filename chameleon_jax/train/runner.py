@@ -35,6 +35,7 @@ from chameleon_jax import model as model_lib
 from chameleon_jax.data import synthetic
 from chameleon_jax.data.pipeline import to_global_batch
 from chameleon_jax.evals import perplexity
+from chameleon_jax.model import flops
 from chameleon_jax.model import sharding as shd
 from chameleon_jax.train import loss as loss_lib
 from chameleon_jax.train import metrics as metrics_lib
@@ -261,8 +262,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
     # ---- Metrics -------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=step)
     tokens_per_step = config.train.batch_size * config.train.seq_len
-    flops_per_token = _train_flops_per_token(model_cfg, config.train.seq_len)
-    peak, peak_source = throughput.peak_flops(override=config.train.get("peak_flops", 0.0))
+    flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len)
+    peak, peak_source = throughput.peak_flops(override=config.train.peak_flops)
     log.info("MFU denominator: %.3g FLOP/s, %s; model: %.3g FLOPs/token", peak, peak_source,
              flops_per_token)
 
@@ -333,6 +334,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
             window, window_start = Window(), time.perf_counter()
             bar.set_postfix(loss=f"{last_metrics['train/loss']:.3f}", refresh=False)
 
+    def flush():
+        nonlocal pending
+        if pending is not None:
+            consume(*pending)
+            pending = None
+
     with StopSignal() as stop, jax.set_mesh(mesh), shd.activation_rules(rules), \
             _progress(total_steps, step, is_main) as bar:
         while step < total_steps:
@@ -341,23 +348,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
             data_wait = time.perf_counter() - t0
             state, device_metrics = train_step(state, batch)
             step += 1
-            if pending is not None:
-                consume(*pending)
+            flush()
             pending = (step, device_metrics, data_wait)
             bar.update(1)
             if eval_every and step % eval_every == 0:
-                consume(*pending)
-                pending = None
+                flush()
                 run_eval(step)
             if step % config.checkpoint.every == 0 or step == total_steps:
-                if pending is not None:  # log up to this step before its checkpoint can exist
-                    consume(*pending)
-                    pending = None
+                flush()  # log up to this step before its checkpoint can exist
                 save(step, force=True)
             if stop.agreed():
-                if pending is not None:
-                    consume(*pending)
-                    pending = None
+                flush()
                 if window.steps:  # the partial window, so that no step goes unlogged
                     last_metrics = log_window(step, window, time.perf_counter() - window_start)
                     window, window_start = Window(), time.perf_counter()
@@ -366,15 +367,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
                 preempted = True
                 log.warning("saved step %d after %s; exiting", step, stop.received)
                 break
-        if pending is not None:
-            consume(*pending)
+        flush()
     manager.wait_until_finished()
     manager.close()
     writer.close()
     return Result(step=step, state=state, preempted=preempted, last_metrics=last_metrics)
 
-
-def _train_flops_per_token(model_cfg, seq_len: int) -> float:
-    from chameleon_jax.model import flops
-
-    return float(flops.train_flops_per_token(model_cfg, seq_len))
