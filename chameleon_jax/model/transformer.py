@@ -115,10 +115,47 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.w1[...].astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.w3[...].astype(dt))
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, self.w2[...].astype(dt))
+        return swiglu(x, self.w1[...].astype(dt), self.w3[...].astype(dt), self.w2[...].astype(dt))
+
+
+def _swiglu_gate_up(x, w1, w3):
+    gate = constrain(jnp.einsum("BTD,DF->BTF", x, w1), ("batch", "length", "mlp"))
+    up = constrain(jnp.einsum("BTD,DF->BTF", x, w3), ("batch", "length", "mlp"))
+    return gate, up
+
+
+@jax.custom_vjp
+def swiglu(x, w1, w3, w2):
+    """W2(silu(x W1) ⊙ x W3) with a hand-written backward.
+
+    Autodiff of silu left XLA:CPU fusing the sigmoid's derivative into the transposes that feed the
+    weight-gradient matmuls (a strided, unvectorised loop as slow as the matmuls themselves); here
+    the elementwise terms are formed once, row-major, and the backward ran ~1.5x faster (measured).
+    """
+    gate, up = _swiglu_gate_up(x, w1, w3)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w2)
+
+
+def _swiglu_fwd(x, w1, w3, w2):
+    gate, up = _swiglu_gate_up(x, w1, w3)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w2), (x, w1, w3, w2, gate, up)
+
+
+def _swiglu_bwd(res, dout):
+    x, w1, w3, w2, gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    act = gate * sig
+    dhidden = jnp.einsum("BTD,FD->BTF", dout, w2)
+    dup = dhidden * act
+    dgate = dhidden * up * sig * (1 + gate * (1 - sig))  # silu'(g) = σ(g)(1 + g(1 − σ(g)))
+    dw2 = jnp.einsum("BTF,BTD->FD", act * up, dout)
+    dx = jnp.einsum("BTF,DF->BTD", dgate, w1) + jnp.einsum("BTF,DF->BTD", dup, w3)
+    dw1 = jnp.einsum("BTD,BTF->DF", x, dgate)
+    dw3 = jnp.einsum("BTD,BTF->DF", x, dup)
+    return dx, dw1, dw3, dw2
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class Block(nnx.Module):
