@@ -329,3 +329,12 @@ def test_trains_and_resumes_on_pretokenized_shards_through_the_grain_pipeline(tm
     assert all(np.isfinite(r["eval/perplexity"]) for r in records_ if "eval/perplexity" in r)
     saved = json.loads((tmp_path / "run/checkpoints/6/data/process_0-of-1.json").read_text())
     assert saved["step"] == 6  # the pipeline's own position, advanced through the resume
+
+
+def test_a_workdir_refuses_to_resume_a_different_model(reference, tmp_path):
+    import shutil
+
+    _, ref_dir = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match=r"different model \(model.ffn_dim: 192 -> 256\)"):
+        runner.train(tiny_config(**{"model.ffn_dim": 256}), tmp_path)

@@ -186,6 +186,30 @@ def _all_finite(tree) -> bool:
     return bool(_finite([x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]))
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resumable(saved: dict, config, workdir) -> None:
+    """A workdir resumes only the same model; other changes (steps, LR, ...) are allowed and logged."""
+    now = _flat(json.loads(config.to_json_best_effort()))
+    saved = _flat(saved)
+    changed = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+    model = [k for k in changed if k.startswith(("model.", "loss.image_ids"))]
+    if model:
+        raise ValueError(f"{workdir} holds a checkpoint of a different model (" + ", ".join(
+            f"{k}: {saved.get(k)} -> {now.get(k)}" for k in model) + "); use a new --workdir")
+    if changed:
+        log.warning("resuming with a changed config: %s", ", ".join(
+            f"{k}: {saved.get(k)} -> {now.get(k)}" for k in changed))
+
+
 def save_checkpoint(manager, step: int, state, data_iterator, config, *, force=False, last_good=None):
     """Starts an async save of {state, data, config}; a state with NaN/Inf is never saved."""
     if not _all_finite((state["params"], state["opt_state"])):
@@ -238,6 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
                                 keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save)
     start = manager.latest_step()
     if start is not None:
+        _check_resumable(ckpt.restore_config(manager, start), config, workdir)
         state = ckpt.restore(manager, start, abstract_state, train_iter)
         log.info("resumed from %s at step %d", workdir / "checkpoints", start)
     else:
