@@ -1,0 +1,50 @@
+"""The CPU smoke experiment: a small Chameleon learns text→image and image→text on procedural shapes.
+
+    python -m chameleon_jax.smoke --workdir runs/smoke                       # everything, from nothing
+    python -m chameleon_jax.smoke --workdir runs/smoke --config experiments/smoke.py:quick --config.train.steps=50
+
+`model.vocab_size` and `loss.image_ids` are filled in by the driver from the trained tokenizer and the
+VQ-GAN's codebook; `data`/`eval.data` point at the pretokenized shards it writes. Variant `quick` is a
+minutes-long pipeline check (it will not reach the accuracy targets).
+"""
+import ml_collections
+
+from chameleon_jax.config import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.update(vocab_size=0, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=32, ffn_dim=384,
+                   dropout=0.0, scan_layers=True)
+    c.loss.image_ids = (4, 4)
+    c.optimizer.update(peak_lr=2e-3, warmup_steps=50, decay="cosine", final_lr_fraction=0.05, weight_decay=0.05)
+    c.train.update(steps=500, batch_size=8, seq_len=256, log_every=25, eval_every=250, seed=0)
+    c.checkpoint.update(every=250, keep=1, async_save=False)
+    c.eval.steps = 4
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+
+    c.smoke = ml_collections.ConfigDict(dict(
+        seed=0,
+        image_size=64,
+        train_pairs=2_500,        # image–caption pairs (each randomly image-first or caption-first)
+        train_texts=300,          # text-only documents (captions of other training scenes)
+        heldout_pairs=128,        # held-out pairs for perplexity per modality
+        eval_scenes=100,          # held-out scenes for captioning and text-to-image
+        text_vocab_size=320,      # sentencepiece pieces incl. 7 reserved and 256 byte-fallback ids
+        vqgan_config="experiments/vqgan_smoke.py",
+        # Fixed step count instead of the VQ-GAN config's wall-clock budget: same seed, same tokenizer.
+        vqgan_overrides={"train": {"time_budget_s": 0, "steps": 300, "eval_every": 300,
+                                   "checkpoint_every": 100}, "optim": {"decay_steps": 300},
+                         "disc_optim": {"decay_steps": 300}},
+        caption_tokens=40,        # generation budget for a caption
+        image_temperature=0.0,    # 0 = greedy image codes
+        guidance="none",          # "none" | "two" | "three" (classifier-free guidance for images)
+        grid_examples=16,
+    ))
+    if arg == "quick":
+        c.train.update(steps=60, log_every=20, eval_every=60)
+        c.checkpoint.every = 60
+        c.smoke.update(train_pairs=600, train_texts=100, heldout_pairs=64, eval_scenes=16)
+        c.smoke.vqgan_overrides = {"train": {"time_budget_s": 0, "steps": 20, "eval_every": 20,
+                                             "checkpoint_every": 20}, "eval": {"num_images": 16}}
+    return c
