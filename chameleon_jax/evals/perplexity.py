@@ -35,9 +35,9 @@ def make_eval_step(graphdef, loss_cfg, mesh, params_shardings):
 
 def evaluate(eval_step, params, batches: Iterable[dict], mesh, to_global=None) -> dict[str, float]:
     """Runs `eval_step` over host-local numpy batches; returns per-modality loss/accuracy/perplexity."""
-    from chameleon_jax.data.pipeline import to_global_batch  # one place turns host batches global
+    from chameleon_jax.train.runner import device_batch  # one place turns host batches global
 
-    to_global = to_global or to_global_batch
+    to_global = to_global or device_batch
     totals: dict[str, float] = {}
     n = 0
     with jax.set_mesh(mesh):

@@ -218,6 +218,17 @@ def save_checkpoint(manager, step: int, state, data_iterator, config, *, force=F
     ckpt.save(manager, step, state, data_iterator, config, force=force)
 
 
+def device_batch(batch: dict, mesh) -> dict:
+    """Host-local numpy batch -> global arrays sharded P(('data','fsdp'), None).
+
+    With one process, `jax.device_put` does it ~15x faster than make_array_from_process_local_data
+    (0.8 ms against 15 ms for the tiny batch here), which otherwise dominates a small model's step.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shd.batch_sharding(mesh))
+    return to_global_batch(batch, mesh)
+
+
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
@@ -369,7 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
             _progress(total_steps, step, is_main) as bar:
         while step < total_steps:
             t0 = time.perf_counter()
-            batch = to_global_batch(next(train_iter), mesh)
+            batch = device_batch(next(train_iter), mesh)
             data_wait = time.perf_counter() - t0
             state, device_metrics = train_step(state, batch)
             step += 1
