@@ -268,3 +268,150 @@ def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int
     if out_logits is not None:
         out["logits"] = out_logits
     return out
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _load_vqgan(generate_cfg, vqgan_workdir: str | None, vqgan_config: str | None):
+    """(VQ-GAN model config, params) from a finished VQ-GAN run's export (never trains)."""
+    from pathlib import Path
+
+    from chameleon_jax import checkpoint as ckpt
+    from chameleon_jax.smoke import merge_overrides, load_config_file
+    from chameleon_jax.vqgan import model as vq_model
+
+    workdir = vqgan_workdir or generate_cfg.get("vqgan_workdir")
+    spec = vqgan_config or generate_cfg.get("vqgan_config")
+    if not workdir or not spec:
+        raise SystemExit("no VQ-GAN given: pass --vqgan_workdir DIR (a finished `python -m chameleon_jax.vqgan.train` "
+                         "run) and --vqgan_config experiments/vqgan_smoke.py, or use a smoke workdir that records them")
+    config = merge_overrides(load_config_file(spec), generate_cfg.get("vqgan_overrides", {}) if not vqgan_config else {})
+    cfg = vq_model.VQGANConfig.from_dict(config.model)
+    export = Path(workdir) / "export"
+    if not (export / "state").is_dir():
+        raise SystemExit(f"{workdir} has no finished VQ-GAN (no export/state); finish its training first")
+    abstract = jax.eval_shape(lambda: vq_model.init(jax.random.key(0), cfg))
+    return cfg, ckpt.restore_params(export, abstract)
+
+
+def build_prompt(text: str, image_codes: Sequence[np.ndarray], tokenizer, vocab, mode: str) -> list[int]:
+    """<s> + text with each `<image>` placeholder replaced by an image block (images lead when there is
+    no placeholder); `mode="image"` ends the prompt with begin-image so the answer is an image."""
+    parts = text.split("<image>")
+    if len(parts) - 1 not in (0, len(image_codes)):
+        raise SystemExit(f"the prompt has {len(parts) - 1} <image> placeholders but {len(image_codes)} --image files")
+    ids = [vocab.bos]
+    if len(parts) == 1:
+        for codes in image_codes:
+            ids += vocab.image_block(codes).tolist()
+        parts = [text]
+    for i, part in enumerate(parts):
+        if i:
+            ids += vocab.image_block(image_codes[i - 1]).tolist()
+        if part.strip():
+            ids += tokenizer.encode(part).tolist()
+    if mode == "image":
+        ids.append(vocab.begin_image)
+    return ids
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description="Generate text and images with a trained Chameleon checkpoint.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a training run (its latest checkpoint), e.g. runs/smoke/train")
+    src.add_argument("--checkpoint", help="a step folder (DIR/checkpoints/<step>) or a params export")
+    ap.add_argument("--prompt", required=True, help="text; `<image>` marks where each --image goes")
+    ap.add_argument("--image", action="append", default=[], help="input image file (repeatable)")
+    ap.add_argument("--out", required=True, help="output folder: output.txt, output.json, image_<n>.png")
+    ap.add_argument("--mode", choices=["text", "image", "mixed"], default="mixed",
+                    help="text only; an image answer (prompt ends with begin-image); or both, in any order")
+    ap.add_argument("--max_new_tokens", type=int, default=0, help="default: 64 text tokens plus one image")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="text; 0 = greedy")
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--repetition_penalty", type=float, default=1.0)
+    ap.add_argument("--image_temperature", type=float, default=0.0)
+    ap.add_argument("--image_top_p", type=float, default=1.0)
+    ap.add_argument("--guidance", choices=sorted(GUIDANCE_STREAMS), default="none")
+    ap.add_argument("--text_scale", type=float, default=3.0)
+    ap.add_argument("--image_scale", type=float, default=1.2)
+    ap.add_argument("--stop_at_end_of_turn", action="store_true", help="also stop at end-of-turn (chat/SFT models)")
+    ap.add_argument("--tokenizer", help="sentencepiece .model or official .json (default: from the run's config)")
+    ap.add_argument("--vqgan_workdir", help="finished VQ-GAN run (default: from the run's config)")
+    ap.add_argument("--vqgan_config", help="its config file (default: from the run's config)")
+    args = ap.parse_args(argv)
+
+    from chameleon_jax import checkpoint as ckpt
+    from chameleon_jax import text as text_lib
+    from chameleon_jax.eval import restore_for_eval
+    from chameleon_jax.vqgan import images as vq_images, model as vq_model
+
+    path = args.workdir or args.checkpoint
+    config = ckpt.read_config(path)
+    generate_cfg = dict(config.get("generate", {}) or {})
+    tok_path = args.tokenizer or generate_cfg.get("tokenizer")
+    if not tok_path:
+        raise SystemExit("no tokenizer: pass --tokenizer (the run's config has no generate.tokenizer)")
+    vq_cfg, vq_params = _load_vqgan(generate_cfg, args.vqgan_workdir, args.vqgan_config)
+    tokenizer = text_lib.load(tok_path, image_codes=vq_cfg.n_embed)
+    vocab = tokenizer.vocab
+
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
+    params, model_cfg, step_dir = restore_for_eval(path, config, mesh)
+    graphdef, _ = model_lib.abstract(model_cfg)
+
+    codes = []
+    if args.image:
+        pixels = np.stack([vq_images.load_image(p, size=vq_cfg.resolution) for p in args.image])
+        codes = list(np.asarray(jax.jit(vq_model.encode)(vq_params, pixels)))
+    grid = tuple(int(x) for x in np.asarray(jax.eval_shape(
+        lambda p, x: vq_model.encode(p, x), vq_params,
+        jax.ShapeDtypeStruct((1, vq_cfg.resolution, vq_cfg.resolution, 3), jnp.float32)).shape[1:]))
+    image_len = grid[0] * grid[1]
+    prompt = build_prompt(args.prompt, codes, tokenizer, vocab, args.mode)
+    budget = args.max_new_tokens or (image_len + 1 if args.mode == "image" else 64 + image_len + 2)
+    config_gen = GenerationConfig(
+        max_new_tokens=budget,
+        text=SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty),
+        image=SamplingParams(args.image_temperature, 0, args.image_top_p),
+        image_output=args.mode != "text", image_shape=grid, guidance=args.guidance,
+        text_scale=args.text_scale, image_scale=args.image_scale,
+        extra_stop_ids=(vocab.end_turn,) if args.stop_at_end_of_turn else ())
+    out = Generator(graphdef, model_cfg, vocab, config_gen)(params, [prompt], seed=args.seed)
+    row = out.row(0)
+    if prompt[-1] == vocab.begin_image:  # the answer continues the image the prompt opened
+        row = np.concatenate([[vocab.begin_image], row])
+    segments = vocab_lib.render(row, vocab, tokenizer.decode, grid)
+
+    os.makedirs(args.out, exist_ok=True)
+    lines, record, n_images = [], [], 0
+    for seg in segments:
+        if isinstance(seg, str):
+            lines.append(seg)
+            record.append({"text": seg})
+            continue
+        n_images += 1
+        pixels = vq_images.to_uint8(np.asarray(jax.jit(vq_model.decode)(vq_params, seg[None])))[0]
+        name = f"image_{n_images}.png"
+        from PIL import Image
+
+        Image.fromarray(pixels).save(Path(args.out) / name)
+        lines.append(f"[{name}]")
+        record.append({"image": name, "codes": seg.tolist()})
+    (Path(args.out) / "output.txt").write_text("\n".join(lines) + "\n")
+    (Path(args.out) / "output.json").write_text(json.dumps(
+        {"checkpoint": str(step_dir), "prompt": args.prompt, "images_in": args.image, "mode": args.mode,
+         "seed": args.seed, "tokens": out.row(0).tolist(), "segments": record}, indent=1))
+    print("\n".join(lines))
+    print(f"wrote {args.out}/output.txt" + (f" and {n_images} image(s)" if n_images else ""))
+
+
+if __name__ == "__main__":
+    main()

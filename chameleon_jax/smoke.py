@@ -54,11 +54,11 @@ def _override(config, overrides: dict):
     return config
 
 
-def _merge(config, nested: dict):
+def merge_overrides(config, nested: dict):
     """Sets config[a][b] = v for every leaf of a nested dict of overrides."""
     for key, value in nested.items():
         if hasattr(value, "items"):
-            _merge(config[key], value)
+            merge_overrides(config[key], value)
         else:
             config[key] = value
     return config
@@ -126,7 +126,7 @@ def train_tokenizer(s, data: Path, root: Path) -> str:
 
 def vqgan_config(s):
     config = load_config_file(s.vqgan_config)
-    return _merge(config, s.vqgan_overrides)
+    return merge_overrides(config, s.vqgan_overrides)
 
 
 def load_vqgan(s, workdir: Path):

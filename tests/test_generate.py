@@ -271,3 +271,20 @@ def test_sampler_matches_distribution_and_filters():
     assert set(np.unique(top_p)) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 needs the third id, not the fourth
     greedy = np.asarray(draw(rows, jax.random.key(3), ones * 0, jnp.zeros((n,), jnp.int32), ones))
     assert (greedy == 0).all()
+
+
+def test_build_prompt_places_images_and_opens_an_image_answer():
+    from chameleon_jax.generate import build_prompt
+
+    class Tok:
+        def encode(self, text):
+            return np.array([30 + len(w) for w in text.split()], np.int32)
+
+    img = np.array([[0, 1, 2], [3, 4, 5]])
+    ids = build_prompt("what is <image> here", [img], Tok(), VOCAB, "text")
+    block = [VOCAB.begin_image, 4, 5, 6, 7, 8, 9, VOCAB.end_image]
+    assert ids == [VOCAB.bos, 34, 32] + block + [34]
+    assert build_prompt("draw", [], Tok(), VOCAB, "image") == [VOCAB.bos, 34, VOCAB.begin_image]
+    assert build_prompt("x", [img], Tok(), VOCAB, "mixed")[:9] == [VOCAB.bos] + block  # images lead
+    with pytest.raises(SystemExit, match="placeholders"):
+        build_prompt("<image> <image>", [img], Tok(), VOCAB, "text")
