@@ -78,7 +78,8 @@ def abstract_train_inputs(config, mesh):
     schedule = opt_lib.learning_rate_schedule(config.optimizer, int(config.train.steps))
     graphdef, _ = model_lib.abstract(model_cfg)
     step_fn = step_lib.make_train_step(graphdef, model_cfg, tx,
-                                       step_lib.LossConfig.from_config(config.loss), schedule)
+                                       step_lib.LossConfig.from_config(config.loss), schedule,
+                                       microbatches=int(config.train.get("microbatches", 1)))
     shardings = shd.named(mesh, step_lib.state_specs(model_cfg, tx, rules))
     shapes = step_lib.abstract_state(model_cfg, tx)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding_rules = ml_collections.ConfigDict()  # overrides of model.sharding.DEFAULT_RULES
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=8, seq_len=4096, seed=0, log_every=50, eval_every=0,
-        max_bad_steps=10,
+        max_bad_steps=10, microbatches=1,
         peak_flops=0.0))  # MFU denominator for all devices; 0 = datasheet (TPU/GPU) or measured (CPU)
     c.attention = ml_collections.ConfigDict(dict(kernel="dot_product", block_size=1))
     # Token source (train.batch_size / train.seq_len are the one source of truth for the shape):
@@ -91,9 +91,13 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
                 if n % tensor:
                     errors.append(f"model.{name}={n} is not divisible by the tensor axis "
                                   f"(mesh.tensor={tensor}); pick mesh.tensor in {ok}.")
-            if config.train.batch_size % (data * fsdp):
-                errors.append(f"train.batch_size={config.train.batch_size} is not divisible by the "
-                              f"batch-sharding axes data×fsdp={data * fsdp}; use a multiple of {data * fsdp}.")
+            micro = int(config.train.get("microbatches", 1))
+            if micro < 1:
+                errors.append(f"train.microbatches={micro} must be >= 1.")
+            elif config.train.batch_size % (micro * data * fsdp):
+                errors.append(f"train.batch_size={config.train.batch_size} is not divisible by "
+                              f"microbatches×data×fsdp={micro}×{data}×{fsdp}; use a multiple of "
+                              f"{micro * data * fsdp} or change train.microbatches.")
     if errors:
         raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
     return m

@@ -11,6 +11,7 @@ def get_config(arg=None):
     c = base_config()
     c.model.update(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, qk_norm_groups=1,
                    block_order="prenorm", dropout=0.1, remat="dots_no_batch", dtype="bfloat16")
-    c.train.update(batch_size=2048, seq_len=4096)  # 2^23 tokens per step
+    # 2^23 tokens per step, accumulated over 32 microbatches (64 sequences each) so a step fits in HBM.
+    c.train.update(batch_size=2048, seq_len=4096, microbatches=32)
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     return c

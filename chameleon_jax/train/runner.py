@@ -292,7 +292,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> Result:
     # ---- Jitted update and evaluator -----------------------------------------------------------
     loss_cfg = step_lib.LossConfig.from_config(config.loss)
     train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, model_cfg, tx, loss_cfg, schedule), mesh, shardings)
+        step_lib.make_train_step(graphdef, model_cfg, tx, loss_cfg, schedule,
+                                 microbatches=int(config.train.get("microbatches", 1))),
+        mesh, shardings)
     eval_step = perplexity.make_eval_step(graphdef, loss_cfg, mesh, shardings["params"])
 
     # ---- Metrics -------------------------------------------------------------------------------

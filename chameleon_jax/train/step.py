@@ -65,8 +65,12 @@ def tree_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None) -> Callable:
+def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None,
+                    microbatches: int = 1) -> Callable:
     """(state, batch) -> (state, metrics). Pure; jit it with `jit_train_step`.
+
+    `microbatches` > 1 accumulates gradients over that many slices of the batch (a `lax.scan`), so
+    a 2^23-token global batch fits in HBM; the update equals the one-shot step up to float rounding.
 
     A non-finite loss or gradient skips the update (params and optimizer state unchanged) and bumps
     `bad_steps`; a finite step resets it. The runner stops after K consecutive bad steps.
@@ -87,10 +91,41 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
         sums["last_layer_rms"] = jnp.sqrt((sq * real).sum() / jnp.maximum(real.sum(), 1.0))
         return loss, sums
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated_grads(params, batch, key):
+        """Token-weighted sum of per-microbatch gradients = gradient of the whole-batch mean loss."""
+        def split(x):
+            # Microbatch m takes rows m, M+m, 2M+m, ...: each stays spread over every batch shard.
+            x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+            return shd.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+        def body(carry, mb):
+            index, micro = mb
+            (loss, sums), grads = grad_fn(params, micro, jax.random.fold_in(key, index))
+            n = sums["tokens"]
+            acc_grads, acc_loss, acc_sums = carry
+            acc_grads = jax.tree.map(lambda a, g: a + g * n, acc_grads, grads)
+            acc_sums = jax.tree.map(jnp.add, acc_sums, sums)
+            return (acc_grads, acc_loss + loss * n, acc_sums), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+            lambda: grad_fn(params, jax.tree.map(lambda x: x[: x.shape[0] // microbatches], batch), key)[0][1]))
+        micro = jax.tree.map(split, batch)
+        (grads, loss, sums), _ = jax.lax.scan(
+            body, (zeros, jnp.zeros((), jnp.float32), zero_sums), (jnp.arange(microbatches), micro))
+        total = jnp.maximum(sums["tokens"], 1.0)
+        sums["last_layer_rms"] = sums["last_layer_rms"] / microbatches
+        return (loss / total, sums), jax.tree.map(lambda g: g / total, grads)
+
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state["rng"], state["step"])
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
-        grad_norm = optax.global_norm(grads)
+        if microbatches > 1:
+            (loss, sums), grads = accumulated_grads(state["params"], batch, key)
+        else:
+            (loss, sums), grads = grad_fn(state["params"], batch, key)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
