@@ -20,13 +20,6 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Optional experiment config; default: the checkpoint's own.")
-flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is evaluated.")
-flags.DEFINE_string("checkpoint", None, "A step folder (DIR/checkpoints/<step>) or a params export.")
-flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor sizes for eval (-1 fills the devices).")
-flags.DEFINE_enum("split", "eval", ["eval", "train"], "Held-out data (config.eval.data) or the training source.")
-flags.DEFINE_string("export", None, "Write a params-only export here (OUT/state, OUT/config.json).")
-flags.DEFINE_string("output", None, "Also write the results as JSON here.")
 
 
 def restore_for_eval(path, config, mesh):
@@ -100,4 +93,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so the library functions above import cleanly
+    # next to other CLIs that also define --config.
+    config_flags.DEFINE_config_file("config", None, "Optional experiment config; default: the checkpoint's own.")
+    flags.DEFINE_string("workdir", None, "A training workdir: its latest checkpoint is evaluated.")
+    flags.DEFINE_string("checkpoint", None, "A step folder (DIR/checkpoints/<step>) or a params export.")
+    flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor sizes for eval (-1 fills the devices).")
+    flags.DEFINE_enum("split", "eval", ["eval", "train"], "Held-out data (config.eval.data) or the training source.")
+    flags.DEFINE_string("export", None, "Write a params-only export here (OUT/state, OUT/config.json).")
+    flags.DEFINE_string("output", None, "Also write the results as JSON here.")
     app.run(main)

@@ -143,16 +143,6 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object.")
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU topology (e.g. v5p:4x4x4): size the mesh for it and compile the train "
-    "step ahead of time for it (needs the `tpu` extra).")
-_NUM_DEVICES = flags.DEFINE_integer(
-    "num_devices", None, "Devices to size the mesh for; default: the topology's chips, else the "
-    "local device count.")
-
-
 def main(argv):
     del argv
     config = _CONFIG.value
@@ -175,6 +165,20 @@ def main(argv):
         print("\n".join(report.lines()))
 
 
+def _define_flags():
+    """Defined only when run as a program, so importing this module never clashes with other CLIs."""
+    global _CONFIG, _JSON, _TOPOLOGY, _NUM_DEVICES
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    _JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object.")
+    _TOPOLOGY = flags.DEFINE_string(
+        "topology", None, "TPU topology (e.g. v5p:4x4x4): size the mesh for it and compile the train "
+        "step ahead of time for it (needs the `tpu` extra).")
+    _NUM_DEVICES = flags.DEFINE_integer(
+        "num_devices", None, "Devices to size the mesh for; default: the topology's chips, else the "
+        "local device count.")
+
+
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)
