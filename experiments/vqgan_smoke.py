@@ -15,11 +15,11 @@ def get_config(arg=None):
     c.model = dict(resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
                    attn_resolutions=(), z_channels=64, embed_dim=8, n_embed=512)
     # l2-normalised 8-d lookup (LlamaGen) + dead-code restarts keep usage high; beta/legacy as Chameleon
-    c.quantizer = dict(beta=0.25, legacy=True, l2_norm=True, dead_code_threshold=0.02, usage_decay=0.95)
+    c.quantizer = dict(beta=0.25, legacy=True, l2_norm=True, dead_code_threshold=0.01, usage_decay=0.98)
     c.loss = dict(reconstruction="l2",  # L2 = what PSNR measures; "l1" is the taming default
                    perceptual_weight=0.0, codebook_weight=1.0,
                   disc_weight=0.0, disc_start=10_000, disc_adaptive=True, disc_ndf=32, disc_layers=2)
-    c.optim = dict(lr=3e-3, b1=0.9, b2=0.99, warmup_steps=20, decay_steps=700, final_lr_fraction=0.05, grad_clip=1.0)
+    c.optim = dict(lr=2e-3, b1=0.9, b2=0.99, warmup_steps=20, decay_steps=700, final_lr_fraction=0.05, grad_clip=1.0)
     c.disc_optim = dict(lr=2e-4, b1=0.5, b2=0.9, warmup_steps=0, decay_steps=700, final_lr_fraction=1.0, grad_clip=0.0)
     c.data = dict(seed=0, batch_size=8, image_size=64)
     c.train = dict(steps=700, log_every=20, eval_every=700, checkpoint_every=100, keep_checkpoints=2,

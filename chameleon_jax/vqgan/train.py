@@ -86,7 +86,8 @@ class _Prefetch:
 # ----------------------------------------------------------------------------------------------- state
 
 def _optimizer(o) -> optax.GradientTransformation:
-    sched = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(1, o.warmup_steps), max(o.warmup_steps + 1, o.decay_steps),
+    warm = max(1, o.warmup_steps)  # linear warm-up from lr/warm (so step 0 already learns), then cosine
+    sched = optax.warmup_cosine_decay_schedule(o.lr / warm, o.lr, warm, max(warm + 1, o.decay_steps),
                                                end_value=o.lr * o.final_lr_fraction)
     return optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
                        optax.adam(sched, b1=o.b1, b2=o.b2))
@@ -161,7 +162,7 @@ def make_train_step(config, *, gan: bool):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {**state, "params": params, "opt_state": opt_state, "rng": rng, "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
         if gan:
             def d_loss_fn(dp):
