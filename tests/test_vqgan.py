@@ -77,10 +77,10 @@ def test_straight_through_gradient_reaches_the_encoder(params):
         z_q, _, _ = M.quantize(p["quantize"]["embedding"], z)
         return jnp.mean(jnp.square(z_q))  # d/dz_q flows to z unchanged
 
-    g = jax.grad(loss)(params)
+    g = jax.jit(jax.grad(loss))(params)
     assert float(jnp.abs(g["encoder"]["conv_in"]["kernel"]).sum()) > 0
     z = M.encode_latents(params, x)
-    gz = jax.grad(lambda z: jnp.sum(M.quantize(params["quantize"]["embedding"], z)[0] * 3.0))(z)
+    gz = jax.jit(jax.grad(lambda z: jnp.sum(M.quantize(params["quantize"]["embedding"], z)[0] * 3.0)))(z)
     np.testing.assert_allclose(gz, 3.0, rtol=1e-6)  # identity Jacobian through the lookup
 
 
