@@ -86,6 +86,10 @@ def bench_train_step(config_path: str, seq_len: int):
 
     cfg = _load_config(config_path)
     cfg.train.seq_len = seq_len
+    if cfg.model.vocab_size == 0:  # experiments/smoke.py: the driver fills the vocab from its tokenizer
+        codes = 512  # experiments/vqgan_smoke.py codebook
+        cfg.model.vocab_size = cfg.smoke.text_vocab_size + codes + 8
+        cfg.loss.image_ids = (cfg.smoke.text_vocab_size, cfg.smoke.text_vocab_size + codes)
     mcfg = config_lib.validate(cfg, jax.device_count())
     mesh = shd.make_mesh(cfg.mesh)
     tx = optimizer.make_optimizer(cfg.optimizer, cfg.train.steps)
