@@ -169,7 +169,9 @@ STALL = textwrap.dedent("""
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
     async def stalled(self):
         if self.get_final().name == stall_step:   # every item is written; the rename never comes
-            marker.write_text(str(self.get()))
+            tmp = marker.with_suffix(".tmp")  # write then rename: the test polls for the marker
+            tmp.write_text(str(self.get()))
+            tmp.rename(marker)
             time.sleep(600)
         return await finalize(self)
     atomicity.AtomicRenameTemporaryPath.finalize = stalled
