@@ -31,13 +31,12 @@ def _hf_model():
     import torch
     import transformers
 
-    def name(code):  # HF's image-token naming: IMGIMG + digits spelled A..J + Z
-        return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z"
+    from chameleon_jax.text import image_token_name
 
     vocabulary_map = {f"t{i}": i for i in range(VOCAB)}
     for code, i in enumerate(range(*IMAGE_IDS)):
         vocabulary_map.pop(f"t{i}")
-        vocabulary_map[name(code)] = i
+        vocabulary_map[image_token_name(code)] = i
     vocabulary_map["<image>"] = 8711
     vq = dict(embed_dim=4, num_embeddings=16, latent_channels=4, resolution=16, base_channels=32,
               channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[])

@@ -96,6 +96,11 @@ class SentencePieceText:
 _IMAGE_NAME = re.compile(r"^IMGIMG([A-J]+)Z$")
 
 
+def image_token_name(code: int) -> str:
+    """VQ code -> official image-token name (the inverse of `image_code_of_name`)."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z"
+
+
 def image_code_of_name(name: str) -> int | None:
     """Official image-token name -> VQ code: `IMGIMG` + letters A..J as decimal digits + `Z` (spec §4.7)."""
     m = _IMAGE_NAME.match(name)

@@ -20,6 +20,7 @@ from chameleon_jax import model as M  # noqa: E402
 from chameleon_jax.convert import load_converted  # noqa: E402
 from chameleon_jax.convert.__main__ import main as convert_main  # noqa: E402
 from chameleon_jax.convert.hf import params_from_hf  # noqa: E402
+from chameleon_jax.text import image_token_name  # noqa: E402
 
 VOCAB = 320
 IMAGE_IDS = (4, 4 + 64)  # tiny stand-in for Chameleon's 8192 image codes at ids 4..8195
@@ -37,16 +38,11 @@ CONFIGS = {
 }
 
 
-def _image_token_name(code: int) -> str:
-    # HF's image-token naming: "IMGIMG" + the code's digits spelled with letters A..J + "Z".
-    return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(code)) + "Z"
-
-
 def _hf_config(**arch):
     vocabulary_map = {f"t{i}": i for i in range(VOCAB)}
     for code, i in enumerate(range(*IMAGE_IDS)):
         vocabulary_map.pop(f"t{i}")
-        vocabulary_map[_image_token_name(code)] = i
+        vocabulary_map[image_token_name(code)] = i
     vocabulary_map["<image>"] = 72
     vq = dict(embed_dim=4, num_embeddings=16, latent_channels=4, resolution=16, base_channels=32,
               channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[])

@@ -61,10 +61,6 @@ def init_sharded_state(model_cfg, tx, mesh, key, rules=shd.DEFAULT_RULES) -> tup
     return state, shardings
 
 
-def tree_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None,
                     microbatches: int = 1) -> Callable:
     """(state, batch) -> (state, metrics). Pure; jit it with `jit_train_step`.
@@ -138,7 +134,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
             "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
         }
         metrics = dict(sums, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
-                       param_norm=tree_norm(new_state["params"]))
+                       param_norm=optax.tree.norm(new_state["params"]))
         if schedule is not None:
             metrics["learning_rate"] = schedule(state["step"])
         return new_state, metrics
