@@ -76,15 +76,23 @@ def bench_hf(model, prompts, steps, repeats, threads):
 
 
 def bench_jax(graphdef, cfg, params, prompts, steps, repeats):
+    """Rows are sharded over every host device when they divide evenly (batch 16 on 2 cores: 8 rows per
+    core); batch 1 runs on one device, whose dots still use every core."""
     import jax
 
-    from chameleon_jax import vocab as vocab_lib
+    from chameleon_jax import model as model_lib, vocab as vocab_lib
     from chameleon_jax.generate import GenerationConfig, Generator
+    from chameleon_jax.model import sharding as shd
     from chameleon_jax.sampling import SamplingParams
 
+    n_dev = jax.device_count()
+    mesh = None
+    if n_dev > 1 and len(prompts) % n_dev == 0:
+        mesh = shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+        params = jax.device_put(params, shd.named(mesh, model_lib.param_specs(cfg, shd.DEFAULT_RULES)))
     greedy = SamplingParams()
     gens = {n: Generator(graphdef, cfg, vocab_lib.CHAMELEON,
-                         GenerationConfig(max_new_tokens=n, text=greedy, image=greedy))
+                         GenerationConfig(max_new_tokens=n, text=greedy, image=greedy), mesh=mesh)
             for n in (1, 1 + steps)}
 
     def run(n):
@@ -123,7 +131,11 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="torch thread counts to try")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="host devices for ours (default one per core; 1 = a single device)")
     args = ap.parse_args(argv)
+    from chameleon_jax import cpu
+    cpu.use_every_core(args.devices or None)
 
     import jax
     import torch
@@ -137,7 +149,7 @@ def main(argv=None):
         fields, params, _ = load_hf(tmp)
     cfg = ModelConfig(**fields)
     graphdef, _ = abstract(cfg)
-    params = jax.device_put(params)
+    params = jax.device_put(params, jax.devices()[0])
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
     rng = np.random.default_rng(0)
@@ -154,7 +166,7 @@ def main(argv=None):
 
     print(f"\nmodel: d={D}, {LAYERS} layers, vocab {VOCAB}, {n_params / 1e6:.1f}M params "
           f"({total / 2**20:.0f} MiB fp32); {args.prompt}-token prompts, {args.steps} greedy decode steps; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus), torch {torch.__version__}")
+          f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} devices ({os.cpu_count()} cpus), torch {torch.__version__}")
     print(f"\n| batch | chameleon_jax tok/s | HF generate tok/s (threads) | speed-up |")
     print("|---:|---:|---:|---:|")
     for b, ours, theirs, t in rows:

@@ -7,7 +7,9 @@ prenorm, vocab 16,384, untied output; fp32 everywhere. Batch: 4×512 = 2,048 tok
 row, every target loss-bearing.
 
 Ours: `chameleon_jax.train.step.make_train_step` (loss with z-loss, AdamW with clipping, the NaN
-guard and metrics) under `jax.jit` with the state donated, on one device.
+guard and metrics) under `jax.jit` with the state donated, the batch sharded over one host device per
+core (`chameleon_jax.cpu`; `--devices 1` for a single device, whose dots still use every core but whose
+other ops run on one thread).
 HF: `ChameleonModel` + a linear head, plain cross-entropy, `torch.optim.AdamW` over the text
 weights (the VQ tokenizer inside `ChameleonModel` is frozen and unused), at 1 and 2 torch threads.
 
@@ -58,22 +60,27 @@ def bench_jax(batch_np, steps, scan_layers):
     from chameleon_jax.train import optimizer as opt_lib, step as step_lib
     from chameleon_jax.train.throughput import measure_cpu_peak
 
+    from chameleon_jax.model import sharding as shd
+
     cfg = model_config(scan_layers)
     tx = opt_lib.make_optimizer(_optimizer_config(), 1000)
     graphdef, _ = model_lib.abstract(cfg)
-    state = jax.jit(lambda k: step_lib.init_state(cfg, tx, k))(jax.random.PRNGKey(0))
-    step = jax.jit(step_lib.make_train_step(graphdef, cfg, tx, step_lib.LossConfig(image_ids=(4, 8196))),
-                   donate_argnums=0)
-    batch = jax.device_put(batch_np)
+    mesh = shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))  # batch over every device; params replicated
+    state, shardings = step_lib.init_sharded_state(cfg, tx, mesh, jax.random.PRNGKey(0))
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, cfg, tx, step_lib.LossConfig(image_ids=(4, 8196))),
+                                   mesh, shardings)
+    batch = jax.device_put(batch_np, jax.sharding.NamedSharding(mesh, shd.BATCH_SPEC))
     t = time.perf_counter()
-    state, metrics = step(state, batch)
+    with jax.set_mesh(mesh):
+        state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t
     times, peaks = [], []
     for _ in range(steps):
         peaks.append(measure_cpu_peak(repeats=3))
         t = time.perf_counter()
-        state, metrics = step(state, batch)
+        with jax.set_mesh(mesh):
+            state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     return times, peaks, compile_s, float(metrics["loss"])
@@ -130,7 +137,11 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled loop)")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="host devices for ours (batch sharded over them); default one per core, 1 = a single device")
     args = ap.parse_args()
+    from chameleon_jax import cpu
+    devices = cpu.use_every_core(args.devices or None)
 
     from chameleon_jax.model import flops
     tokens = args.batch * args.seq
@@ -140,7 +151,7 @@ def main():
     times, peaks, compile_s, loss = bench_jax(batch, args.steps, args.scan)
     ours = tokens / min(times)
     peak = max(peaks)
-    rows = [("ours (JAX, jit)", _spread(times), ours, step_flops / min(times) / 1e9)]
+    rows = [(f"ours (JAX, {devices} dev)", _spread(times), ours, step_flops / min(times) / 1e9)]
     hf = {}
     if not args.no_hf:
         for threads in (1, 2):

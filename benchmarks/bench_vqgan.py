@@ -1,5 +1,7 @@
 """VQ-GAN encode/decode throughput: this JAX implementation vs HF transformers' ChameleonVQVAE.encode
 (torch CPU, same weights, best of 1 and 2 threads). HF has no decoder, so decode is reported alone.
+Ours shards the batch over one host device per core (`chameleon_jax.cpu`); the 512 px case uses batch 2
+so both sides can use both cores.
 
     python benchmarks/bench_vqgan.py              # full Chameleon config at 512 px + the smoke config
     python benchmarks/bench_vqgan.py --quick      # smoke config only
@@ -40,11 +42,16 @@ def run_case(name, hf_kwargs, size, batch, reps, decode=True):
     torch.manual_seed(0)
     hf = ChameleonVQVAE(ChameleonVQVAEConfig(**hf_kwargs)).eval()
     template = model.init(jax.random.key(0), convert.config_from_hf(hf.config))
-    params = jax.device_put(convert.from_hf(hf, template))
-    x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    # images sharded over as many host devices as divide the batch (one per core: chameleon_jax.cpu)
+    n = max(k for k in range(1, jax.device_count() + 1) if batch % k == 0)
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+    rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    params = jax.device_put(convert.from_hf(hf, template), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    x_np = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+    x = jax.device_put(x_np, rows_sh)
 
-    enc = jax.jit(model.encode)
+    enc = jax.jit(model.encode, out_shardings=rows_sh)
     t_jax = _best(lambda: enc(params, x).block_until_ready(), reps)
     codes = enc(params, x)
     hf_times = {}
@@ -57,14 +64,14 @@ def run_case(name, hf_kwargs, size, batch, reps, decode=True):
     rows = [(name, "encode", size, batch, batch / t_jax, batch / min(hf_times.values()),
              min(hf_times, key=hf_times.get), same)]
     if decode:
-        dec = jax.jit(model.decode)
+        dec = jax.jit(model.decode, out_shardings=rows_sh)
         t_dec = _best(lambda: dec(params, codes).block_until_ready(), reps)
         rows.append((name, "decode", size, batch, batch / t_dec, None, None, None))
     return rows
 
 
 CASES = {
-    "chameleon": (dict(), 512, 1),  # HF defaults = Chameleon's tokenizer (spec §4.2)
+    "chameleon": (dict(), 512, 2),  # HF defaults = Chameleon's tokenizer (spec §4.2)
     "smoke": (dict(base_channels=32, channel_multiplier=[1, 1, 2, 2], num_res_blocks=1, latent_channels=64,
                    embed_dim=8, num_embeddings=512, resolution=64), 64, 16),
 }
@@ -74,7 +81,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke config only")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--devices", type=int, default=0, help="host devices for ours (default one per core)")
     args = ap.parse_args(argv)
+    from chameleon_jax import cpu
+    cpu.use_every_core(args.devices or None)
     names = ["smoke"] if args.quick else ["chameleon", "smoke"]
     rows = []
     for n in names:
@@ -87,7 +97,7 @@ def main(argv=None):
         ratio = f"{j / h:6.2f}x" if h else f"{'-':>7}"
         print(f"{name:10} {op:7} {size:4d} {batch:5d} {j:10.3f} {hf_s} {thr or '-':>6} {ratio} "
               f"{'' if same is None else f'{same:9.4f}'}")
-    print(f"(jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; best of {args.reps} after warm-up)")
+    print(f"(jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} devices, {os.cpu_count()} CPUs; best of {args.reps} after warm-up)")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,18 @@ ImageLoader = Callable[[readers.ImageRef], np.ndarray]  # path or bytes -> float
 
 
 def batched_encoder(encode: Callable, params, batch_size: int) -> ImageEncoder:
-    """Wraps `encode(params, images[B,H,W,3]) -> codes[B,h,w]` in one jit with a fixed batch (padded)."""
+    """Wraps `encode(params, images[B,H,W,3]) -> codes[B,h,w]` in one jit with a fixed batch (padded),
+    sharded over as many of this process's devices as divide it (one per core on a CPU host set up by
+    `chameleon_jax.cpu`, where a convolution runs on one thread per device)."""
     import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    jitted = jax.jit(encode)
+    local = jax.local_devices()
+    n = max(k for k in range(1, len(local) + 1) if batch_size % k == 0)
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=local[:n])
+    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    jitted = jax.jit(encode, in_shardings=(replicated, rows), out_shardings=rows)
 
     def run(images: np.ndarray) -> np.ndarray:
         out = []
@@ -262,6 +270,8 @@ def main(argv):
                          "and the image-code block")
     if not f.vqgan_checkpoint and not f.vqgan_random_init:
         raise SystemExit("pass --vqgan_checkpoint DIR (trained params), or --vqgan_random_init for a smoke run")
+    from chameleon_jax import cpu
+    cpu.use_every_core(divides=(f.encode_batch,))  # encode batches are sharded over the cores
     encode, load, codes = vqgan_tools(f.vqgan_config, f.vqgan_checkpoint, f.encode_batch, f.seed)
     tokenizer = text.load(f.tokenizer, image_codes=codes)
     pi = jax.process_index() if f.process_index < 0 else f.process_index

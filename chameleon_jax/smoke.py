@@ -443,6 +443,9 @@ def main(argv=None):
         except json.JSONDecodeError:
             overrides[key] = value
     _override(config, overrides)
+    from chameleon_jax import cpu
+    vq_batch = vqgan_config(config.smoke).data.batch_size
+    cpu.use_every_core(divides=(config.train.batch_size, vq_batch))  # data-parallel over the cores
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

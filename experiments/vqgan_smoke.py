@@ -14,6 +14,8 @@ def get_config(arg=None):
     # same blocks as Chameleon (GN32, swish, nin shortcuts, right/bottom-padded downsampling, mid attention)
     c.model = dict(resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
                    attn_resolutions=(), z_channels=64, embed_dim=8, n_embed=512)
+    # residual branches start at zero (model.scale_residual_branches): colour is learned from step 0
+    c.init = dict(residual_scale=0.0)
     # l2-normalised 8-d lookup (LlamaGen) + dead-code restarts keep usage high; beta/legacy as Chameleon
     c.quantizer = dict(beta=0.25, legacy=True, l2_norm=True, dead_code_threshold=0.01, usage_decay=0.98)
     c.loss = dict(reconstruction="l2",  # L2 = what PSNR measures; "l1" is the taming default

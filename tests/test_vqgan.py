@@ -104,3 +104,19 @@ def test_encode_is_batch_sharded_and_matches_unsharded(params):
 def test_init_rejects_widths_groupnorm_cannot_split():
     with pytest.raises(ValueError, match="multiple of 32"):
         M.init(jax.random.key(0), M.VQGANConfig(resolution=16, ch=16, ch_mult=(1, 2), n_embed=8, embed_dim=4))
+
+
+def test_zeroed_residual_branches_make_every_block_the_identity(params):
+    zeroed = M.scale_residual_branches(params, 0.0)
+    x = _images(2, size=8) @ jnp.ones((3, 32)) / 3  # a 32-channel activation
+    block = zeroed["encoder"]["down"]["0"]["block"]["0"]
+    np.testing.assert_array_equal(M.resnet_block(block, x), x + block["conv2"]["bias"])
+    attn = zeroed["encoder"]["mid"]["attn_1"]
+    x64 = jnp.concatenate([x, x], -1)
+    np.testing.assert_allclose(M.attn_block(attn, x64), x64 + attn["proj_out"]["bias"], atol=1e-6)
+    # only the branches' last kernels changed: the rest of the tree (and so an import's key map) is intact
+    changed = jax.tree_util.tree_map_with_path(
+        lambda p, a, b: jax.tree_util.keystr(p) if not np.array_equal(a, b) else None, params, zeroed)
+    names = [n for n in jax.tree.leaves(changed) if n]
+    assert names and all(("'conv2'" in n or "'proj_out'" in n) and n.endswith("['kernel']") for n in names)
+    assert jax.tree.structure(zeroed) == jax.tree.structure(params)

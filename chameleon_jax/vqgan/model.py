@@ -314,5 +314,18 @@ def init(rng: jax.Array, config: VQGANConfig) -> Params:
     }
 
 
+def scale_residual_branches(params: Params, scale: float) -> Params:
+    """Multiplies the last layer of every residual branch (ResnetBlock conv2, attention proj_out) by
+    `scale`. With scale 0 every block starts as the identity (SkipInit / zero-init residuals, as in
+    diffusion U-Nets), so at step 0 the autoencoder is a shallow linear path plus the norms: colour is
+    copied from the start instead of being rediscovered through ~20 random residual branches. Measured
+    on the 64 px shapes smoke: 22.1 dB vs 20.4 dB held-out PSNR after 300 steps, same seed (issue 3).
+    Leaves the architecture, and therefore imports, untouched."""
+    def visit(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        return x * scale if names[-1] == "kernel" and names[-2] in ("conv2", "proj_out") else x
+    return jax.tree_util.tree_map_with_path(visit, params)
+
+
 def param_count(params: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

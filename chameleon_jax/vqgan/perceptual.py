@@ -15,11 +15,12 @@ import pickle
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 _TAPS = (1, 4, 8, 12, 16)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-_SHIFT = jnp.array([-0.030, -0.088, -0.188])
-_SCALE = jnp.array([0.458, 0.448, 0.450])
+_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)  # numpy: no JAX backend at import time
+_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 
 
 def available() -> bool:

@@ -96,6 +96,9 @@ def _optimizer(o) -> optax.GradientTransformation:
 def init_state(config, rng) -> dict:
     k_g, k_d, k_r = jax.random.split(rng, 3)
     params = model.init(k_g, model_config(config))
+    residual_scale = config.get("init", {}).get("residual_scale", 1.0)
+    if residual_scale != 1.0:
+        params = model.scale_residual_branches(params, residual_scale)
     if config.quantizer.l2_norm:
         params = _normalise_codebook(params)
     d = config.loss
@@ -261,7 +264,9 @@ def train(config, workdir) -> dict:
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    n_dev = max(n for n in range(1, jax.device_count() + 1) if config.data.batch_size % n == 0)
+    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n_dev])  # data parallel over the devices the batch divides
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
@@ -334,6 +339,9 @@ def train_or_load(config, workdir):
 def main(argv):
     del argv
     from absl import flags
+
+    from chameleon_jax import cpu
+    cpu.use_every_core(divides=(flags.FLAGS.config.data.batch_size,))  # before any backend exists
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     config = flags.FLAGS.config

@@ -1,0 +1,55 @@
+"""Using every CPU core from one process.
+
+XLA:CPU runs a convolution, and most elementwise and attention work, on one thread per device; only
+dots use its intra-op pool. Exposing each core as its own host device and sharding the batch over a
+`data` mesh axis runs those ops on all cores at once (measured on the 2-vCPU dev box: a 64 px ×32-channel
+3×3 conv at 53 GFLOP/s on one device, 111 over two; the VQ-GAN smoke step 0.71 s → 0.43 s).
+
+Call `use_every_core()` first thing in an entry point, before anything touches a JAX backend. It never
+overrides a device count the user chose (`jax_num_cpu_devices`, or the XLA flag), and does nothing once
+backends exist. On a GPU/TPU host it is harmless: it only shapes the CPU client, which is not the
+default backend there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+XLA_FLAG = "--xla_force_host_platform_device_count"
+
+
+def core_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def use_every_core(n: int | None = None, divides: tuple[int, ...] = ()) -> int:
+    """Asks for `n` CPU devices (default: one per core, lowered to the largest count that divides every
+    batch size in `divides`, so a data-parallel mesh fits); returns the count that will be in effect."""
+    if _configured_count() > 0:
+        return _configured_count()
+    flags = os.environ.get("XLA_FLAGS", "")
+    if XLA_FLAG in flags:
+        return int(flags.split(XLA_FLAG + "=")[1].split()[0])
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        log.warning("use_every_core() called after JAX initialised its backends; keeping one CPU device")
+        return 1
+    n = n or core_count()
+    while n > 1 and any(b % n for b in divides):
+        n -= 1
+    _set_count(n)
+    return n
+
+
+def _configured_count() -> int:
+    return jax.config.jax_num_cpu_devices  # -1 unless someone chose
+
+
+def _set_count(n: int) -> None:
+    jax.config.update("jax_num_cpu_devices", n)

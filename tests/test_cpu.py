@@ -1,0 +1,26 @@
+"""chameleon_jax.cpu: the host-device count it asks XLA for."""
+import jax
+
+from chameleon_jax import cpu
+
+
+def test_a_count_already_chosen_wins():
+    assert jax.config.jax_num_cpu_devices == 8  # conftest's choice
+    assert cpu.use_every_core(n=2) == 8 and jax.device_count() == 8
+
+
+def test_device_count_divides_every_batch(monkeypatch):
+    asked = []
+    monkeypatch.setattr(cpu, "_configured_count", lambda: -1)
+    monkeypatch.setattr(cpu, "_set_count", asked.append)
+    monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert cpu.use_every_core(n=6, divides=(8, 8)) == 4  # 6 cores, batch 8: the largest divisor is 4
+    assert cpu.use_every_core(n=3, divides=(8,)) == 2
+    assert cpu.use_every_core(n=5, divides=(7,)) == 1
+    assert asked == [4, 2, 1]
+    monkeypatch.setenv("XLA_FLAGS", f"--foo=1 {cpu.XLA_FLAG}=3")  # the user's XLA flag is kept
+    assert cpu.use_every_core(n=6) == 3 and len(asked) == 3
+    monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert cpu.use_every_core(n=4) == 1 and len(asked) == 3  # too late: nothing changes
