@@ -33,9 +33,9 @@ def get_config(arg=None):
         text_vocab_size=320,      # sentencepiece pieces incl. 7 reserved and 256 byte-fallback ids
         vqgan_config="experiments/vqgan_smoke.py",
         # Fixed step count instead of the VQ-GAN config's wall-clock budget: same seed, same tokenizer.
-        vqgan_overrides={"train": {"time_budget_s": 0, "steps": 300, "eval_every": 300,
-                                   "checkpoint_every": 100}, "optim": {"decay_steps": 300},
-                         "disc_optim": {"decay_steps": 300}},
+        vqgan_overrides={"train": {"time_budget_s": 0, "steps": 1200, "eval_every": 1200,
+                                   "checkpoint_every": 300}, "optim": {"decay_steps": 1200},
+                         "disc_optim": {"decay_steps": 1200}},
         caption_tokens=40,        # generation budget for a caption
         image_temperature=0.0,    # 0 = greedy image codes
         guidance="none",          # "none" | "two" | "three" (classifier-free guidance for images)
