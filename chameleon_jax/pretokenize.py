@@ -52,6 +52,7 @@ def batched_encoder(encode: Callable, params, batch_size: int) -> ImageEncoder:
             out.append(np.asarray(jitted(params, chunk))[:n])
         return np.concatenate(out).astype(np.int32)
 
+    run.batch_size = batch_size  # pretokenize flushes at this many images, so no call is mostly padding
     return run
 
 
@@ -165,9 +166,13 @@ def _load_images(doc: readers.Document, load_image: ImageLoader) -> list[np.ndar
 
 
 def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_images: ImageEncoder,
-                     load_image: ImageLoader, seed: int = 0, seq_len: int = 0, encode_batch: int = 16,
+                     load_image: ImageLoader, seed: int = 0, seq_len: int = 0, encode_batch: int | None = None,
                      progress=None) -> dict:
-    """One work unit -> one finished shard (records + manifest entry); returns the entry."""
+    """One work unit -> one finished shard (records + manifest entry); returns the entry.
+
+    Images are encoded `encode_batch` at a time (default: the encoder's own `batch_size`, else 16).
+    """
+    encode_batch = encode_batch or getattr(encode_images, "batch_size", 16)
     b = _ShardBuilder(tokenizer, encode_images, tokenizer.vocab, seed, seq_len)
     for item in readers.read(unit):
         if progress is not None:
@@ -192,7 +197,7 @@ def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_
 
 
 def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncoder, load_image: ImageLoader,
-        docs_per_shard: int = 1000, seed: int = 0, seq_len: int = 0, encode_batch: int = 16,
+        docs_per_shard: int = 1000, seed: int = 0, seq_len: int = 0, encode_batch: int | None = None,
         process_index: int = 0, process_count: int = 1, show_progress: bool = True) -> dict:
     """Pretokenizes this host's share of the inputs into out_dir; returns the manifest so far."""
     from tqdm import tqdm

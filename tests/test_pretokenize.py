@@ -23,11 +23,14 @@ def load_image(ref):
 class PatchEncoder:
     """Deterministic stand-in for the VQ-GAN (irrelevant to what these tests check): brightness of 4x4 patches."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, batch_size=None):
+        self.calls, self.sizes = 0, []
+        if batch_size:
+            self.batch_size = batch_size
 
     def __call__(self, images):
         self.calls += 1
+        self.sizes.append(len(images))
         patches = images.reshape(len(images), 2, SIDE // 2, 2, SIDE // 2, 3).mean(axis=(2, 4, 5))
         return np.clip(((patches + 1) / 2 * 16).astype(np.int32), 0, 15)
 
@@ -152,6 +155,14 @@ def test_pairs_flip_by_seed_and_key(raw, tmp_path, tokenizer):
     flips = [d["tokens"][1] == v.begin_image for d in _all_records(tmp_path / "out")]
     assert flips == [pretokenize.records.image_first(f"p{i}", 3) for i in range(40)]
     assert 0 < sum(flips) < 40
+
+
+def test_images_are_encoded_in_the_encoders_own_batch_size(raw, tmp_path, tokenizer):
+    # A jitted encoder pads every call to its batch; flushing earlier would mostly encode padding.
+    enc = PatchEncoder(batch_size=3)
+    pretokenize.run(raw[:1], str(tmp_path / "out"), tokenizer=tokenizer, encode_images=enc, load_image=load_image,
+                    docs_per_shard=100, show_progress=False)  # one work unit: only its last call may be short
+    assert len(enc.sizes) >= 2 and all(n >= 3 for n in enc.sizes[:-1]), enc.sizes
 
 
 def test_missing_input_fails_clearly(tmp_path, tokenizer):
