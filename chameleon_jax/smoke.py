@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -147,12 +148,16 @@ def pretokenize(s, data: Path, out: Path, tokenizer_path: str, vq_config, vq_par
     encode = pt.batched_encoder(vq_model.encode, vq_params, 64)
     load = functools.partial(vq_images.load_image, size=vq_cfg.resolution)
     manifests = {}
+    settings = {"pair_loss": s.pair_loss}
     for split in ("train", "heldout"):
         target = out / split
+        if _done(target) and json.loads((target / "DONE").read_text()) != settings:
+            shutil.rmtree(target)  # tokenized under other settings: its finished shards must not be resumed
         if not _done(target):
             pt.run([str(data / f"{split}.jsonl")], str(target), tokenizer=tok, encode_images=encode,
-                   load_image=load, docs_per_shard=100_000, seed=s.seed, show_progress=False)
-            _mark(target)
+                   load_image=load, docs_per_shard=100_000, seed=s.seed, pair_loss=s.pair_loss,
+                   show_progress=False)
+            _mark(target, settings)
         manifests[split] = json.loads((target / "manifest.json").read_text())
     return manifests
 

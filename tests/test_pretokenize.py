@@ -157,6 +157,23 @@ def test_pairs_flip_by_seed_and_key(raw, tmp_path, tokenizer):
     assert 0 < sum(flips) < 40
 
 
+def test_pair_loss_target_trains_only_the_second_modality(raw, tmp_path, tokenizer):
+    path = os.path.join(os.path.dirname(raw[0]), "pairs.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps({"id": f"p{i}", "image": "img/red.png", "caption": "a red square"})
+                          for i in range(20)) + "\n")
+    _run([path], tmp_path / "out", tokenizer, docs_per_shard=100, pair_loss="target")
+    v = tokenizer.vocab
+    for d in _all_records(tmp_path / "out"):
+        trained = d["tokens"][d["loss_mask"] == 1]
+        if d["tokens"][1] == v.begin_image:  # image first: only the caption and </s> are targets
+            assert not v.is_image(trained).any() and v.begin_image not in trained and trained[-1] == v.eos
+        else:  # caption first: the whole image block and </s>, no caption piece
+            assert trained[0] == v.begin_image and v.is_image(trained[1:-2]).all() and trained[-1] == v.eos
+    with pytest.raises(ValueError, match="pair_loss"):
+        _run([path], tmp_path / "bad", tokenizer, pair_loss="second")
+
+
 def test_images_are_encoded_in_the_encoders_own_batch_size(raw, tmp_path, tokenizer):
     # A jitted encoder pads every call to its batch; flushing earlier would mostly encode padding.
     enc = PatchEncoder(batch_size=3)

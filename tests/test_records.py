@@ -78,3 +78,17 @@ def test_document_shapes_parse(obj, kind):
 def test_bad_documents_are_named(obj, reason):
     with pytest.raises(readers.BadItem, match=reason):
         readers.parse_document(obj, "/base", "k")
+
+
+def test_pair_target_mask_trains_only_the_second_modality():
+    caption = T(1, 2, 3)
+    for first in (True, False):
+        tokens = records.pair_tokens(caption, GRID, VOC, is_image_first=first)
+        mask = records.pair_target_mask(caption, GRID, VOC, is_image_first=first)
+        assert mask.shape == tokens.shape
+        trained = tokens[mask == 1]
+        if first:  # image -> caption: the caption and </s>
+            np.testing.assert_array_equal(trained, [*caption, VOC.eos])
+        else:  # caption -> image: begin-image, the 4 codes, end-image and </s>
+            np.testing.assert_array_equal(
+                trained, [VOC.begin_image, *VOC.image_ids(GRID.ravel()), VOC.end_image, VOC.eos])

@@ -9,7 +9,8 @@ Every sequence is `<s> … </s>`; every image is begin-image + codes + end-image
     sft          <s> turn_1 <eot> turn_2 <eot> … </s>; loss only on assistant tokens, the <eot> that closes
                  an assistant turn, and a final </s> after one (spec §7.2)
 
-A record holds int32 tokens and, for SFT only, a uint8 loss mask (absent = loss everywhere).
+A record holds int32 tokens and, for SFT (and pairs pretokenized with `pair_loss="target"`), a uint8 loss
+mask (absent = loss everywhere).
 """
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ def text_tokens(text_ids: np.ndarray, vocab: Vocab) -> np.ndarray:
 def pair_tokens(caption_ids: np.ndarray, codes: np.ndarray, vocab: Vocab, *, is_image_first: bool) -> np.ndarray:
     segments = [Image(codes), caption_ids] if is_image_first else [caption_ids, Image(codes)]
     return interleaved_tokens(segments, vocab)
+
+
+def pair_target_mask(caption_ids: np.ndarray, codes: np.ndarray, vocab: Vocab, *, is_image_first: bool) -> np.ndarray:
+    """Loss mask for `pair_tokens` that trains only the second modality given the first (captioning or
+    text-to-image, as in instruction tuning): <s> and the first segment carry no loss; the second segment
+    and </s> do. The mask marks targets, so predicting the second segment's first token is trained."""
+    first = vocab.image_block(codes) if is_image_first else np.asarray(caption_ids).reshape(-1)
+    second = np.asarray(caption_ids).reshape(-1) if is_image_first else vocab.image_block(codes)
+    return np.concatenate([np.zeros(1 + len(first), np.uint8), np.ones(len(second) + 1, np.uint8)])
 
 
 def sft_tokens(turns: Sequence[Turn], vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
