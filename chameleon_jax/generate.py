@@ -219,6 +219,10 @@ def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int
     out_logits = jnp.zeros((b, t_max, v), jnp.float32) if cfg.return_logits else None
     stream_id = jnp.repeat(jnp.arange(streams), b)
     head = _decode_head(model, streams * b)
+    # The loop runs the blocks from per-layer weights and caches, split once here (see Transformer).
+    layers = model.unstack_layers()
+    cache = tuple(jax.tree.map(lambda c, i=i: shd.constrain(c[i], ("batch", "length", "kv_heads", "head_dim")), cache)
+                  for i in range(model.cfg.n_layers))
 
     def step_logits(logits, state):
         full = logits[:b]
@@ -252,7 +256,7 @@ def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int
         kv_seg = kv_seg.at[:, p + i].set(keep_tok.astype(jnp.int32))
         seq = seq.at[:, p + i].set(tok)
         x, cache = model(tok[:, None], keep_tok.astype(jnp.int32)[:, None], pos[:, None], cache=cache,
-                         cache_index=p + i, kv_segment_ids=kv_seg)
+                         cache_index=p + i, kv_segment_ids=kv_seg, layers=layers)
         logits = head(x)
         return i + 1, logits, cache, kv_seg, seq, new_state, presence, out_tokens, out_logits, lengths
 

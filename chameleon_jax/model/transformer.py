@@ -211,11 +211,16 @@ class Transformer(nnx.Module):
         self.output = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), std, pd)
 
     def __call__(self, tokens, segment_ids, positions, *, dropout_key=None, cache=None,
-                 cache_index=None, kv_segment_ids=None):
+                 cache_index=None, kv_segment_ids=None, layers=None):
         """Returns the last block's output [B, T, D] (before the final norm) and the updated cache.
 
-        Training: tokens/segment_ids/positions are [B, T]. Decoding: pass `cache` (per-layer k/v of
-        shape [L, B, S, K, H]), the write offset `cache_index`, and `kv_segment_ids` [B, S].
+        Training: tokens/segment_ids/positions are [B, T]. Decoding: pass `cache` (k/v of shape
+        [L, B, S, K, H]), the write offset `cache_index`, and `kv_segment_ids` [B, S].
+
+        `layers` (from `unstack_layers`) runs the blocks from per-layer weights with a per-layer cache
+        (a tuple of {"k", "v"} of shape [B, S, K, H]): a decoding loop then neither slices the stacked
+        weights nor rebuilds the stacked cache every step, which XLA:CPU does as copies (about a third
+        of a batch-1 decode step, measured in benchmarks/bench_decode.py).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -228,6 +233,16 @@ class Transformer(nnx.Module):
             s = kv_segment_ids.shape[1]
             kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             mask_inputs = (segment_ids, kv_segment_ids, q_index + cache_index, kv_index)
+
+        if layers is not None:
+            graphdef, per_layer = layers
+            new_cache = []
+            for i, params in enumerate(per_layer):
+                key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+                x, c = nnx.merge(graphdef, params)(x, positions, mask_inputs, key,
+                                                   None if cache is None else cache[i], cache_index)
+                new_cache.append(c)
+            return x, None if cache is None else tuple(new_cache)
 
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -262,6 +277,11 @@ class Transformer(nnx.Module):
     def logits(self, tokens, segment_ids, positions, **kw):
         x, _ = self(tokens, segment_ids, positions, **kw)
         return self.head(x)
+
+    def unstack_layers(self):
+        """(block graphdef, per-layer param states): the `layers` argument of __call__, sliced once."""
+        graphdef, stacked = nnx.split(self.blocks)
+        return graphdef, tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.n_layers))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         cfg = self.cfg
