@@ -37,14 +37,14 @@ def run_case(name, hf_kwargs, size, batch, reps, decode=True):
     from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
     from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE
 
+    from chameleon_jax import cpu
     from chameleon_jax.vqgan import convert, model
 
     torch.manual_seed(0)
     hf = ChameleonVQVAE(ChameleonVQVAEConfig(**hf_kwargs)).eval()
     template = model.init(jax.random.key(0), convert.config_from_hf(hf.config))
     # images sharded over as many host devices as divide the batch (one per core: chameleon_jax.cpu)
-    n = max(k for k in range(1, jax.device_count() + 1) if batch % k == 0)
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+    mesh = cpu.data_mesh(batch)
     rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     params = jax.device_put(convert.from_hf(hf, template), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     x_np = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)

@@ -47,6 +47,14 @@ def use_every_core(n: int | None = None, divides: tuple[int, ...] = ()) -> int:
     return n
 
 
+def data_mesh(batch_size: int, devices=None) -> jax.sharding.Mesh:
+    """A 1-D ("data",) mesh over the first k of `devices` (default all), k the largest count that divides
+    `batch_size`, so a batch shards evenly over it (one device per core after `use_every_core`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    k = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+    return jax.make_mesh((k,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:k])
+
+
 def _configured_count() -> int:
     return jax.config.jax_num_cpu_devices  # -1 unless someone chose
 

@@ -35,9 +35,9 @@ def batched_encoder(encode: Callable, params, batch_size: int) -> ImageEncoder:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    local = jax.local_devices()
-    n = max(k for k in range(1, len(local) + 1) if batch_size % k == 0)
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=local[:n])
+    from chameleon_jax import cpu
+
+    mesh = cpu.data_mesh(batch_size, jax.local_devices())
     rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     params = jax.device_put(params, replicated)
     jitted = jax.jit(encode, in_shardings=(replicated, rows), out_shardings=rows)

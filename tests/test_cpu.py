@@ -24,3 +24,15 @@ def test_device_count_divides_every_batch(monkeypatch):
     monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: True)
     monkeypatch.setenv("XLA_FLAGS", "")
     assert cpu.use_every_core(n=4) == 1 and len(asked) == 3  # too late: nothing changes
+
+
+def test_data_mesh_spans_the_largest_device_count_dividing_the_batch():
+    import jax
+
+    from chameleon_jax import cpu
+
+    devices = jax.devices()  # 8 fake CPU devices (conftest)
+    assert cpu.data_mesh(12, devices).devices.size == 6
+    assert cpu.data_mesh(7, devices).devices.size == 7
+    assert cpu.data_mesh(5, devices[:4]).devices.size == 1
+    assert cpu.data_mesh(16, devices).axis_names == ("data",)

@@ -145,11 +145,17 @@ def test_hosts_split_the_work_disjointly(raw, tmp_path, tokenizer):
     assert merged["documents"] == whole["documents"] and merged["tokens"] == whole["tokens"]
 
 
-def test_pairs_flip_by_seed_and_key(raw, tmp_path, tokenizer):
-    lines = [json.dumps({"id": f"p{i}", "image": "img/red.png", "caption": "a red square"}) for i in range(40)]
+def _pairs_jsonl(raw, n: int) -> str:
+    """n image–caption pairs p0..p{n-1} (all the same red square) beside the raw inputs."""
     path = os.path.join(os.path.dirname(raw[0]), "pairs.jsonl")
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.writelines(json.dumps({"id": f"p{i}", "image": "img/red.png", "caption": "a red square"}) + "\n"
+                     for i in range(n))
+    return path
+
+
+def test_pairs_flip_by_seed_and_key(raw, tmp_path, tokenizer):
+    path = _pairs_jsonl(raw, 40)
     _run([path], tmp_path / "out", tokenizer, docs_per_shard=100, seed=3)
     v = tokenizer.vocab
     flips = [d["tokens"][1] == v.begin_image for d in _all_records(tmp_path / "out")]
@@ -158,10 +164,7 @@ def test_pairs_flip_by_seed_and_key(raw, tmp_path, tokenizer):
 
 
 def test_pair_loss_target_trains_only_the_second_modality(raw, tmp_path, tokenizer):
-    path = os.path.join(os.path.dirname(raw[0]), "pairs.jsonl")
-    with open(path, "w") as f:
-        f.write("\n".join(json.dumps({"id": f"p{i}", "image": "img/red.png", "caption": "a red square"})
-                          for i in range(20)) + "\n")
+    path = _pairs_jsonl(raw, 20)
     _run([path], tmp_path / "out", tokenizer, docs_per_shard=100, pair_loss="target")
     v = tokenizer.vocab
     for d in _all_records(tmp_path / "out"):

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from chameleon_jax import checkpoint
+from chameleon_jax import checkpoint, cpu
 from chameleon_jax.data import shapes
 from chameleon_jax.vqgan import discriminator, losses, model, perceptual
 from chameleon_jax.vqgan.images import to_uint8
@@ -264,9 +264,7 @@ def train(config, workdir) -> dict:
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    n_dev = max(n for n in range(1, jax.device_count() + 1) if config.data.batch_size % n == 0)
-    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n_dev])  # data parallel over the devices the batch divides
+    mesh = cpu.data_mesh(config.data.batch_size)  # data parallel over the devices the batch divides
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
@@ -340,7 +338,6 @@ def main(argv):
     del argv
     from absl import flags
 
-    from chameleon_jax import cpu
     cpu.use_every_core(divides=(flags.FLAGS.config.data.batch_size,))  # before any backend exists
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
