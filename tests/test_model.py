@@ -69,7 +69,7 @@ def run_steps(cfg, mesh_shape, batch, steps=3):
 
 
 def test_sharding_invariance_across_meshes():
-    cfg, batch = tiny_cfg(n_layers=1), packed_batch(t=8)
+    cfg, batch = tiny_cfg(n_layers=1, attention_block=4), packed_batch(t=8)  # two causal blocks
     ref = run_steps(cfg, (1, 1, 1), batch)
     assert np.all(np.isfinite(ref)) and ref[-1] < ref[0]
     for mesh_shape in [(8, 1, 1), (2, 2, 2), (1, 2, 4)]:
@@ -84,8 +84,9 @@ def _logits(cfg, params, batch):
     return np.asarray(fn(params, jax.tree.map(jnp.asarray, batch)))
 
 
-def test_masking_future_and_other_segments_are_invisible():
-    cfg = tiny_cfg(scan_layers=False)
+@pytest.mark.parametrize("attention_block", [0, 3])  # one block, and causal blocks (ragged)
+def test_masking_future_and_other_segments_are_invisible(attention_block):
+    cfg = tiny_cfg(scan_layers=False, attention_block=attention_block)
     params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
     batch = packed_batch(b=2, t=16)
     base = _logits(cfg, params, batch)
@@ -193,3 +194,41 @@ def test_swiglu_backward_matches_autodiff():
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(out[1](cot), ref[1](cot)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block,kv_heads", [(4, 4), (5, 2), (16, 8)])
+def test_causal_block_attention_matches_full_attention(block, kv_heads):
+    """Skipping the blocks above the diagonal changes neither outputs nor gradients, for packed rows,
+    padding, GQA and a ragged last block (t=18 with block 4 or 5)."""
+    from chameleon_jax.model.attention import attention_mask, causal_self_attention, dot_product_attention
+    rng = np.random.default_rng(6)
+    b, t, n, h = 3, 18, 8, 4
+    batch = packed_batch(b, t, seed=6)
+    seg = jnp.asarray(batch["segment_ids"])
+    index = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = attention_mask(seg, seg, index, index)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kv_heads, h)), jnp.float32) for _ in range(2))
+    cot = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    out, vjp = jax.vjp(lambda *a: causal_self_attention(*a, mask, block), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda *a: dot_product_attention(*a, mask), q, k, v)
+    real = np.asarray(seg != 0)  # padding rows are never used; both give a uniform average there
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=1e-5, atol=1e-6)
+    cot = cot * jnp.asarray(real)[:, :, None, None]
+    for a, r in zip(vjp(cot), ref_vjp(cot)):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_backward_is_the_inverse_rotation():
+    from chameleon_jax.model import attention
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32)
+    pos = jnp.asarray(rng.integers(0, 50, (2, 6)), jnp.int32)
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    angles = (pos[..., None] * attention.rope_frequencies(8, 10_000.0))[:, :, None, :]
+    out, vjp = jax.vjp(lambda x: attention.apply_rope(x, pos, 10_000.0), x)
+    ref, ref_vjp = jax.vjp(lambda x: attention._rotate_impl(x, jnp.cos(angles), jnp.sin(angles)), x)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    np.testing.assert_allclose(vjp(cot)[0], ref_vjp(cot)[0], rtol=1e-5, atol=1e-6)
+    # a rotation keeps norms, so its vjp does too
+    np.testing.assert_allclose(jnp.linalg.norm(vjp(cot)[0], axis=-1), jnp.linalg.norm(cot, axis=-1), rtol=1e-5)

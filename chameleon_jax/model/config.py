@@ -36,6 +36,9 @@ class ModelConfig:
     init_std: float = 0.02
     scan_layers: bool = True
     remat: str = "none"
+    # Query rows per block in training attention; blocks above the causal diagonal are skipped
+    # (attention.causal_self_attention). 0 = one block. Any length works (the last block is ragged).
+    attention_block: int = 64
     dtype: str = "float32"        # activations / matmul inputs
     param_dtype: str = "float32"  # stored weights
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from chameleon_jax.model.attention import apply_rope, attention_mask, dot_product_attention
+from chameleon_jax.model.attention import (apply_rope, attention_mask, causal_self_attention,
+                                          dot_product_attention)
 from chameleon_jax.model.config import ModelConfig
 from chameleon_jax.model.sharding import constrain
 
@@ -82,6 +83,7 @@ class Attention(nnx.Module):
         self.q_norm = GroupedHeadNorm(cfg.qk_norm_groups, h, pd)
         self.k_norm = GroupedHeadNorm(cfg.qk_norm_groups, h, pd)
         self.rope_theta = cfg.rope_theta
+        self.attention_block = cfg.attention_block
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x, positions, mask_inputs, cache: Cache | None = None, cache_index=None):
@@ -98,7 +100,11 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
             cache = {"k": k, "v": v}
-        out = dot_product_attention(q, k.astype(dt), v.astype(dt), attention_mask(*mask_inputs))
+        mask = attention_mask(*mask_inputs)
+        if cache is None:  # training / full-sequence scoring: keys are these rows, causal by offset
+            out = causal_self_attention(q, k, v, mask, self.attention_block)
+        else:
+            out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache
 
