@@ -101,4 +101,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from chameleon_jax import cpu
+    cpu.use_huge_pages()  # before anything allocates; see chameleon_jax/cpu.py
     sys.exit(main())

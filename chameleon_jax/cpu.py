@@ -14,11 +14,46 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 
 log = logging.getLogger(__name__)
 XLA_FLAG = "--xla_force_host_platform_device_count"
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+NO_HUGE_PAGES_ENV = "CHAMELEON_JAX_NO_HUGE_PAGES"
+
+
+def use_huge_pages() -> None:
+    """Re-executes this process once with glibc's malloc asking for transparent huge pages.
+
+    XLA:CPU allocates an executable's temporaries afresh on every call, as one large mmap; with 4 KiB
+    pages each train step of benchmarks/bench_train_step.py took ~522,000 minor page faults (2 GiB
+    faulted in and zeroed, 1.6-2.3 s of system time per 5-6 s step). With `glibc.malloc.hugetlb=1`
+    (glibc >= 2.35; older ones ignore it) malloc madvises those blocks as huge pages: ~1,700 faults,
+    0.2-0.4 s of system time, and the step 10-15% faster (measured 2026-11-26, same window).
+    Call it first thing in an entry point's `__main__`: it must run before the process allocates
+    much, and child processes inherit the setting. Does nothing off Linux, when the kernel disables
+    transparent huge pages, when already set, or when CHAMELEON_JAX_NO_HUGE_PAGES is set.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (not sys.platform.startswith("linux") or os.environ.get(NO_HUGE_PAGES_ENV)
+            or "glibc.malloc.hugetlb" in tunables or not _transparent_huge_pages()):
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def _transparent_huge_pages() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
 
 
 def core_count() -> int:

@@ -93,6 +93,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from chameleon_jax import cpu
+    cpu.use_huge_pages()  # before anything allocates; see chameleon_jax/cpu.py
     # Flags are defined only when run as a program, so the library functions above import cleanly
     # next to other CLIs that also define --config.
     config_flags.DEFINE_config_file("config", None, "Optional experiment config; default: the checkpoint's own.")

@@ -296,6 +296,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from chameleon_jax import cpu
+    cpu.use_huge_pages()  # before anything allocates; see chameleon_jax/cpu.py
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -3,7 +3,8 @@
     python -m chameleon_jax.vqgan.train --config experiments/vqgan_smoke.py --workdir /tmp/vqgan_smoke
 
 Targets on held-out scenes within 10 minutes on 2 vCPUs (issue 3): PSNR >= 28 dB, codebook usage >= 80%,
-shape analyzer exact on >= 95% of reconstructions. Variant `:tiny` is the unit-test size.
+shape analyzer exact on >= 95% of reconstructions. Variant `:tiny` is the unit-test size; `:patch`
+swaps in the patch-local encoder (not Chameleon's) that the text<->image smoke experiment uses.
 """
 import ml_collections
 
@@ -28,6 +29,8 @@ def get_config(arg=None):
     c.train = dict(steps=1250, log_every=25, eval_every=1250, checkpoint_every=250, keep_checkpoints=2,
                    time_budget_s=540)  # stop (and export) early when the wall-clock budget is spent
     c.eval = dict(num_images=256, lpips=False)
+    if arg == "patch":  # the smoke experiment's tokenizer: patch-local codes (model.encoder_kind docs)
+        c.model.update(encoder_kind="patch", patch_hidden=256)
     if arg == "tiny":  # unit tests: a few seconds per step even under load
         c.model.update(ch=32, ch_mult=(1, 2), z_channels=32, embed_dim=8, n_embed=64, resolution=16)
         c.data.update(batch_size=8, image_size=16)

@@ -36,3 +36,29 @@ def test_data_mesh_spans_the_largest_device_count_dividing_the_batch():
     assert cpu.data_mesh(7, devices).devices.size == 7
     assert cpu.data_mesh(5, devices[:4]).devices.size == 1
     assert cpu.data_mesh(16, devices).axis_names == ("data",)
+
+
+def _run_child(env_extra):
+    import os
+    import subprocess
+    import sys
+    code = ("import os, resource; from chameleon_jax import cpu; cpu.use_huge_pages(); "
+            "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CHAMELEON_JAX_NO_HUGE_PAGES")}
+    env.update(env_extra, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert len([ln for ln in lines if ln.strip()]) == 1, out.stdout  # the re-exec prints once, not twice
+    return lines[0].split(" ", 1)[1]
+
+
+def test_use_huge_pages_reexecs_once_with_the_tunable_and_keeps_other_tunables():
+    from chameleon_jax import cpu
+    if not cpu._transparent_huge_pages():
+        import pytest
+        pytest.skip("this kernel has transparent huge pages off; use_huge_pages is then a no-op")
+    assert _run_child({}) == cpu.HUGE_PAGES_TUNABLE
+    assert _run_child({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == \
+        "glibc.malloc.arena_max=2:" + cpu.HUGE_PAGES_TUNABLE
+    assert _run_child({"CHAMELEON_JAX_NO_HUGE_PAGES": "1"}) == ""

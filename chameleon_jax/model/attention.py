@@ -18,17 +18,22 @@ def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotates x [B, T, *, H] by its positions [B, T].
+def rope_table(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) of the rotary angles, [B, T, 1, H/2]: computed once per forward, shared by all layers."""
+    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)
+    angles = angles[:, :, None, :]  # broadcast over heads
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates x [B, T, *, H] by the angles of `rope_table`.
 
     Pairing layout: half-split, i.e. dim i rotates with dim i + H/2 (HF transformers' `rotate_half`).
     Meta's release pairs adjacent dims (2i, 2i+1); its wq/wk rows and q/k-norm vectors are permuted
     per head (new row j·H/2 + i ← old row 2i + j) on import, exactly as HF's converter does (spec §2.4),
     so HF weights load unchanged and Meta weights load through that permutation.
     """
-    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(x.shape[-1], theta)
-    angles = angles[:, :, None, :]  # broadcast over heads
-    return _rotate(x, jnp.cos(angles), jnp.sin(angles))
+    return _rotate(x, *rope)
 
 
 def _rotate_impl(x, cos, sin):

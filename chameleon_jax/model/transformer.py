@@ -19,7 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from chameleon_jax.model.attention import (apply_rope, attention_mask, causal_self_attention,
-                                          dot_product_attention)
+                                          dot_product_attention, rope_table)
 from chameleon_jax.model.config import ModelConfig
 from chameleon_jax.model.sharding import constrain
 
@@ -82,19 +82,18 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), std, pd)
         self.q_norm = GroupedHeadNorm(cfg.qk_norm_groups, h, pd)
         self.k_norm = GroupedHeadNorm(cfg.qk_norm_groups, h, pd)
-        self.rope_theta = cfg.rope_theta
         self.attention_block = cfg.attention_block
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x, positions, mask_inputs, cache: Cache | None = None, cache_index=None):
+    def __call__(self, x, rope, mask_inputs, cache: Cache | None = None, cache_index=None):
         dt = self.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(dt))
         k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(dt))
         v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(dt))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-        q = apply_rope(self.q_norm(q), positions, self.rope_theta)
-        k = apply_rope(self.k_norm(k), positions, self.rope_theta)
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
         if cache is not None:
             # Write this step's keys/values at the cache offset, then attend over the whole cache.
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
@@ -180,14 +179,14 @@ class Block(nnx.Module):
         self.swin = cfg.block_order == "swin"
         self.dropout = cfg.dropout
 
-    def __call__(self, x, positions, mask_inputs, dropout_key=None, cache=None, cache_index=None):
+    def __call__(self, x, rope, mask_inputs, dropout_key=None, cache=None, cache_index=None):
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
         if self.swin:
-            attn, cache = self.attention(x, positions, mask_inputs, cache, cache_index)
+            attn, cache = self.attention(x, rope, mask_inputs, cache, cache_index)
             h = x + _dropout(self.attention_norm(attn), self.dropout, keys[0])
             out = h + _dropout(self.ffn_norm(self.mlp(h)), self.dropout, keys[1])
         else:
-            attn, cache = self.attention(self.attention_norm(x), positions, mask_inputs, cache, cache_index)
+            attn, cache = self.attention(self.attention_norm(x), rope, mask_inputs, cache, cache_index)
             h = x + _dropout(attn, self.dropout, keys[0])
             out = h + _dropout(self.mlp(self.ffn_norm(h)), self.dropout, keys[1])
         return constrain(out, ("batch", "length", "act_embed")), cache
@@ -233,6 +232,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        rope = rope_table(positions, cfg.head_dim, cfg.rope_theta)
         if cache is None:
             mask_inputs = (segment_ids, segment_ids, q_index, q_index)
         else:
@@ -245,7 +245,7 @@ class Transformer(nnx.Module):
             new_cache = []
             for i, params in enumerate(per_layer):
                 key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-                x, c = nnx.merge(graphdef, params)(x, positions, mask_inputs, key,
+                x, c = nnx.merge(graphdef, params)(x, rope, mask_inputs, key,
                                                    None if cache is None else cache[i], cache_index)
                 new_cache.append(c)
             return x, None if cache is None else tuple(new_cache)
@@ -256,7 +256,7 @@ class Transformer(nnx.Module):
             params, index, layer_cache = layer
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
             out, new_cache = nnx.merge(graphdef, params)(
-                x, positions, mask_inputs, key, layer_cache, cache_index)
+                x, rope, mask_inputs, key, layer_cache, cache_index)
             out = checkpoint_name(out, "block_out")
             return out, new_cache
 

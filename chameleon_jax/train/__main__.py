@@ -55,4 +55,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from chameleon_jax import cpu
+    cpu.use_huge_pages()  # before anything allocates
     app.run(main)

@@ -38,6 +38,13 @@ class VQGANConfig:
     z_channels: int = 256
     embed_dim: int = 256
     n_embed: int = 8192
+    # "chameleon": the conv encoder above (every latent sees the whole image through the mid attention).
+    # "patch": NOT Chameleon's - each latent is an MLP of its own f×f pixel patch only, so a patch's code
+    # does not depend on the rest of the image. For toy data whose content is fixed per patch (the
+    # shapes smoke), that makes codes a function of the scene, which a small transformer can learn
+    # to write from a caption; the decoder is unchanged.
+    encoder_kind: str = "chameleon"
+    patch_hidden: int = 256
 
     @property
     def downsample_factor(self) -> int:
@@ -134,7 +141,19 @@ def _mid(p: Params, x: jax.Array) -> jax.Array:
     return resnet_block(p["block_2"], attn_block(p["attn_1"], resnet_block(p["block_1"], x)))
 
 
+def patch_encoder(p: Params, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H/f, W/f, z]: space-to-depth by f, then a pointwise MLP per patch."""
+    b, hgt, wid, c = x.shape
+    f = int(round((p["patch_in"]["kernel"].shape[2] // c) ** 0.5))  # patch side, from the kernel's fan-in
+    h = x.reshape(b, hgt // f, f, wid // f, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hgt // f, wid // f, f * f * c)
+    h = jax.nn.swish(conv(p["patch_in"], h))
+    h = jax.nn.swish(conv(p["patch_mid"], h))
+    return conv(p["conv_out"], h)
+
+
 def encoder(p: Params, x: jax.Array) -> jax.Array:
+    if "patch_in" in p:
+        return patch_encoder(p, x)
     h = conv(p["conv_in"], x)
     levels = _n(p["down"])
     for i in range(levels):
@@ -285,6 +304,13 @@ def init(rng: jax.Array, config: VQGANConfig) -> Params:
     enc["mid"] = _mid_init(next(keys), top)
     enc["norm_out"] = _norm_init(top)
     enc["conv_out"] = _conv_init(next(keys), 3, top, cfg.z_channels)
+    if cfg.encoder_kind == "patch":
+        f, hid = cfg.downsample_factor, cfg.patch_hidden
+        enc = {"patch_in": _conv_init(next(keys), 1, f * f * cfg.in_channels, hid),
+               "patch_mid": _conv_init(next(keys), 1, hid, hid),
+               "conv_out": _conv_init(next(keys), 1, hid, cfg.z_channels)}
+    elif cfg.encoder_kind != "chameleon":
+        raise ValueError(f"model.encoder_kind={cfg.encoder_kind!r}; choose 'chameleon' or 'patch'.")
 
     dec: Params = {"conv_in": _conv_init(next(keys), 3, cfg.z_channels, top), "mid": _mid_init(next(keys), top),
                    "up": {}}
