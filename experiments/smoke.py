@@ -35,7 +35,7 @@ def get_config(arg=None):
         # for in captioning accuracy.
         pair_loss="target",
         text_vocab_size=320,      # sentencepiece pieces incl. 7 reserved and 256 byte-fallback ids
-        vqgan_config="experiments/vqgan_smoke.py",
+        vqgan_config="experiments/vqgan_smoke.py:patch",  # patch-local codes: see that file
         # Fixed step count instead of the VQ-GAN config's wall-clock budget: same seed, same tokenizer.
         vqgan_overrides={"train": {"time_budget_s": 0, "steps": 1200, "eval_every": 1200,
                                    "checkpoint_every": 300}, "optim": {"decay_steps": 1200},
