@@ -18,15 +18,15 @@ def get_config(arg=None):
                    dropout=0.0, scan_layers=True)
     c.loss.image_ids = (4, 4)
     c.optimizer.update(peak_lr=2e-3, warmup_steps=50, decay="cosine", final_lr_fraction=0.05, weight_decay=0.05)
-    c.train.update(steps=1000, batch_size=8, seq_len=256, log_every=25, eval_every=500, seed=0)
-    c.checkpoint.update(every=500, keep=1, async_save=False)
+    c.train.update(steps=2000, batch_size=8, seq_len=256, log_every=25, eval_every=1000, seed=0)
+    c.checkpoint.update(every=1000, keep=1, async_save=False)
     c.eval.steps = 4
     c.mesh.update(data=-1, fsdp=1, tensor=1)
 
     c.smoke = ml_collections.ConfigDict(dict(
         seed=0,
         image_size=64,
-        train_pairs=12_000,       # image–caption pairs (each randomly image-first or caption-first); ~2 epochs
+        train_pairs=24_000,       # image–caption pairs (each randomly image-first or caption-first); ~2 epochs
         train_texts=300,          # text-only documents (captions of other training scenes)
         heldout_pairs=128,        # held-out pairs for perplexity per modality
         eval_scenes=100,          # held-out scenes for captioning and text-to-image
