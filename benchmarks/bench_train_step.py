@@ -136,8 +136,9 @@ def _hf_worker(conn, batch_np):
 def _hf_in_subprocess(batch_np):
     """HF's step runs in its own process, driven round by round from here.
 
-    In one process, torch's thread pools slowed our XLA step by ~50% (measured: 7.6 s vs 5.0 s a
-    step); a separate process that idles in a pipe read between steps leaves ours alone.
+    Torch and XLA in one process, interleaved step by step, gave ours 7.6 s a step against 5.0 s alone
+    (measured; part of it is the idle-memory effect described in `main`). A separate process, idle
+    in a pipe read between its steps, keeps the two runtimes' thread pools and allocators apart.
     """
     import atexit
     import multiprocessing as mp
