@@ -42,7 +42,7 @@ def _run_child(env_extra):
     import os
     import subprocess
     import sys
-    code = ("import os, resource; from chameleon_jax import cpu; cpu.use_huge_pages(); "
+    code = ("import os; from chameleon_jax import cpu; cpu.use_huge_pages(); "
             "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CHAMELEON_JAX_NO_HUGE_PAGES")}
     env.update(env_extra, JAX_PLATFORMS="cpu")
