@@ -326,6 +326,8 @@ def _loss_curves(metrics: list[dict], path: Path):
 
 
 def write_report(workdir: Path, results: dict, examples: dict, metrics: list[dict], n_grid: int):
+    from chameleon_jax.data import shapes
+
     _loss_curves(metrics, workdir / "loss_curves.png")
     n = min(n_grid, len(examples["truth"]))
     _grid_png(workdir / "text_to_image.png",
@@ -361,6 +363,14 @@ def write_report(workdir: Path, results: dict, examples: dict, metrics: list[dic
         "![loss curves](loss_curves.png)", "", "![text to image](text_to_image.png)", "",
         "![captioning](captioning.png)", "",
     ]
+    # Every wrong caption, so that a miss can be told apart: an unparseable string, a wrong attribute, or an
+    # image the VQ-GAN could not represent (compare with the read-back ceiling above).
+    misses = [(t, c) for t, c in zip(examples["truth"], examples["captions"])
+              if shapes.parse_caption(c) != shapes.parse_caption(t)]
+    if misses:
+        lines += [f"## Captioning misses ({len(misses)})", "", "| truth | model |", "|---|---|"]
+        lines += [f"| {t} | {c.strip().replace('|', '/') or '(empty)'} |" for t, c in misses]
+        lines.append("")
     (workdir / "report.md").write_text("\n".join(lines))
 
 
