@@ -66,6 +66,7 @@ class _ShardBuilder:
     seed: int
     seq_len: int
     pair_loss: str = "all"
+    image_first_fraction: float = 0.5
 
     def __post_init__(self):
         self.records: list[bytes] = []
@@ -125,7 +126,7 @@ class _ShardBuilder:
                 image = [s for s in segments if isinstance(s, records.Image)]
                 if not caption:
                     raise BadItem("empty document: the image–text pair has an empty caption")
-                first = records.image_first(doc.key, self.seed)
+                first = records.image_first(doc.key, self.seed, self.image_first_fraction)
                 tokens = records.pair_tokens(caption[0], image[0].codes, v, is_image_first=first)
                 mask = (records.pair_target_mask(caption[0], image[0].codes, v, is_image_first=first)
                         if self.pair_loss == "target" else None)
@@ -169,17 +170,18 @@ def _load_images(doc: readers.Document, load_image: ImageLoader) -> list[np.ndar
 
 def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_images: ImageEncoder,
                      load_image: ImageLoader, seed: int = 0, seq_len: int = 0, encode_batch: int | None = None,
-                     pair_loss: str = "all", progress=None) -> dict:
+                     pair_loss: str = "all", image_first_fraction: float = 0.5, progress=None) -> dict:
     """One work unit -> one finished shard (records + manifest entry); returns the entry.
 
     Images are encoded `encode_batch` at a time (default: the encoder's own `batch_size`, else 16).
     `pair_loss`: "all" trains every token of an image–text pair (pretraining, spec §3.2); "target" only
-    the second modality given the first (`records.pair_target_mask`).
+    the second modality given the first (`records.pair_target_mask`). `image_first_fraction` of the
+    pairs put the image first (chosen per document key by `records.image_first`).
     """
     if pair_loss not in ("all", "target"):
         raise ValueError(f"pair_loss={pair_loss!r}: use 'all' (every token) or 'target' (the second modality only)")
     encode_batch = encode_batch or getattr(encode_images, "batch_size", 16)
-    b = _ShardBuilder(tokenizer, encode_images, tokenizer.vocab, seed, seq_len, pair_loss)
+    b = _ShardBuilder(tokenizer, encode_images, tokenizer.vocab, seed, seq_len, pair_loss, image_first_fraction)
     for item in readers.read(unit):
         if progress is not None:
             progress.update(1)
@@ -204,7 +206,8 @@ def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_
 
 def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncoder, load_image: ImageLoader,
         docs_per_shard: int = 1000, seed: int = 0, seq_len: int = 0, encode_batch: int | None = None,
-        pair_loss: str = "all", process_index: int = 0, process_count: int = 1, show_progress: bool = True) -> dict:
+        pair_loss: str = "all", image_first_fraction: float = 0.5, process_index: int = 0, process_count: int = 1,
+        show_progress: bool = True) -> dict:
     """Pretokenizes this host's share of the inputs into out_dir; returns the manifest so far."""
     from tqdm import tqdm
 
@@ -218,7 +221,7 @@ def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncod
         for u in todo:
             pretokenize_unit(u, out_dir, tokenizer=tokenizer, encode_images=encode_images, load_image=load_image,
                              seed=seed, seq_len=seq_len, encode_batch=encode_batch, pair_loss=pair_loss,
-                             progress=bar)
+                             image_first_fraction=image_first_fraction, progress=bar)
     manifest = shards.write_manifest(out_dir)
     log.info("%s: %d documents, tokens %s, %d skipped %s", out_dir, manifest["documents"], manifest["tokens"],
              len(manifest["skipped"]), manifest["skipped_by_reason"])
@@ -290,7 +293,8 @@ def main(argv):
     pc = jax.process_count() if f.process_count < 0 else f.process_count
     m = run(f.input, f.out, tokenizer=tokenizer, encode_images=encode, load_image=load,
             docs_per_shard=f.docs_per_shard, seed=f.seed, seq_len=f.seq_len, encode_batch=f.encode_batch,
-            pair_loss=f.pair_loss, process_index=pi, process_count=pc)
+            pair_loss=f.pair_loss, image_first_fraction=f.image_first_fraction, process_index=pi,
+            process_count=pc)
     print(f"{f.out}: {m['documents']} documents in {m['shards']} shards; tokens {m['tokens']}; "
           f"skipped {m['skipped_by_reason'] or 'none'} (details in {f.out}/manifest.json)")
 
@@ -314,6 +318,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "seed of the image-first flip of pairs")
     flags.DEFINE_enum("pair_loss", "all", ["all", "target"], "image–text pairs: loss on every token, or only "
                       "on the second modality given the first (captioning / text-to-image)")
+    flags.DEFINE_float("image_first_fraction", 0.5, "share of image–text pairs written image first (the rest "
+                       "caption first)")
     flags.DEFINE_integer("seq_len", 0, "skip documents holding an image longer than this (0 = no check)")
     flags.DEFINE_integer("process_index", -1, "this host's index (default: jax.process_index())")
     flags.DEFINE_integer("process_count", -1, "number of hosts (default: jax.process_count())")

@@ -117,11 +117,15 @@ def build_data(s, root: Path) -> dict:
 def train_tokenizer(s, data: Path, root: Path) -> str:
     from chameleon_jax import text
 
-    model = root / "spm.model"
+    model, settings = root / "spm.model", {"text_vocab_size": s.text_vocab_size}
+    if model.exists() and (not _done(root) or json.loads((root / "DONE").read_text()) != settings):
+        log.info("retraining the tokenizer in %s: it was made with other settings than %s", root, settings)
+        model.unlink()
     if not model.exists():
         root.mkdir(parents=True, exist_ok=True)
         lines = text.corpus_lines([str(data / "train.jsonl")])
         text.train_sentencepiece(lines, str(root / "spm"), s.text_vocab_size, num_threads=1)
+        _mark(root, settings)
     return str(model)
 
 
@@ -148,7 +152,8 @@ def pretokenize(s, data: Path, out: Path, tokenizer_path: str, vq_config, vq_par
     encode = pt.batched_encoder(vq_model.encode, vq_params, 64)
     load = functools.partial(vq_images.load_image, size=vq_cfg.resolution)
     manifests = {}
-    settings = {"pair_loss": s.pair_loss}
+    settings = {"pair_loss": s.pair_loss, "image_first_fraction": s.image_first_fraction,
+                "text_vocab_size": s.text_vocab_size}
     for split in ("train", "heldout"):
         target = out / split
         if _done(target) and json.loads((target / "DONE").read_text()) != settings:
@@ -156,7 +161,7 @@ def pretokenize(s, data: Path, out: Path, tokenizer_path: str, vq_config, vq_par
         if not _done(target):
             pt.run([str(data / f"{split}.jsonl")], str(target), tokenizer=tok, encode_images=encode,
                    load_image=load, docs_per_shard=100_000, seed=s.seed, pair_loss=s.pair_loss,
-                   show_progress=False)
+                   image_first_fraction=s.image_first_fraction, show_progress=False)
             _mark(target, settings)
         manifests[split] = json.loads((target / "manifest.json").read_text())
     return manifests
@@ -370,6 +375,13 @@ def write_report(workdir: Path, results: dict, examples: dict, metrics: list[dic
     if misses:
         lines += [f"## Captioning misses ({len(misses)})", "", "| truth | model |", "|---|---|"]
         lines += [f"| {t} | {c.strip().replace('|', '/') or '(empty)'} |" for t, c in misses]
+        lines.append("")
+    t2i_misses = [(t, r) for t, r in zip(examples["truth"], examples["readback"])
+                  if shapes.parse_caption(r) != shapes.parse_caption(t)]
+    if t2i_misses:
+        lines += [f"## Text-to-image misses ({len(t2i_misses)})", "", "| prompt | read back from the image |",
+                  "|---|---|"]
+        lines += [f"| {t} | {r} |" for t, r in t2i_misses]
         lines.append("")
     (workdir / "report.md").write_text("\n".join(lines))
 

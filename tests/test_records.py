@@ -29,6 +29,18 @@ def test_pairs_flip_to_image_first_half_the_time_deterministically():
     assert second[1] == T(1)[0] and second[-2] == VOC.end_image
 
 
+def test_image_first_fraction_sets_the_share_and_nests():
+    keys = [f"doc{i}" for i in range(4000)]
+    for fraction in (0.0, 0.35, 1.0):
+        assert abs(np.mean([records.image_first(k, 0, fraction) for k in keys]) - fraction) < 0.03
+    # one uniform draw per key: a pair image-first at 0.35 stays image-first at any larger share
+    low = np.array([records.image_first(k, 0, 0.35) for k in keys])
+    high = np.array([records.image_first(k, 0, 0.6) for k in keys])
+    assert np.all(high[low])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        records.image_first("doc", 0, 1.5)
+
+
 def test_sft_loss_only_on_answers_and_their_end_of_turn():
     turns = [records.Turn("user", [T(1, 2), records.Image(GRID)]), records.Turn("assistant", [T(3, 4)]),
              records.Turn("user", [T(5)]), records.Turn("assistant", [T(6)])]

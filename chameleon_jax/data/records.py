@@ -38,9 +38,13 @@ class Turn:
     segments: Sequence[Segment]
 
 
-def image_first(key: str, seed: int) -> bool:
-    """Deterministic fair coin per (seed, example key): the image-first flip for pairs."""
-    return hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()[0] & 1 == 1
+def image_first(key: str, seed: int, fraction: float = 0.5) -> bool:
+    """Deterministic coin per (seed, example key), heads with probability `fraction`: the image-first
+    flip for pairs (0.5 = as often image→text as text→image)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"image-first fraction {fraction} must lie in [0, 1]")
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64 < fraction
 
 
 def _ids(segment: Segment, vocab: Vocab) -> np.ndarray:
