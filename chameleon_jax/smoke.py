@@ -80,9 +80,13 @@ def build_data(s, root: Path) -> dict:
     from chameleon_jax.data import shapes
 
     root.mkdir(parents=True, exist_ok=True)
-    meta_path = root / "DONE"
-    if meta_path.exists():
-        return json.loads(meta_path.read_text())
+    meta = {"train_pairs": s.train_pairs, "train_texts": s.train_texts,
+            "train_images": s.get("train_images", 0), "heldout_pairs": s.heldout_pairs, "eval_scenes": s.eval_scenes}
+    if _done(root):
+        if json.loads((root / "DONE").read_text()) == meta:
+            return meta
+        log.info("rebuilding the data in %s: it was made with other settings than %s", root, meta)
+        (root / "DONE").unlink()
     (root / "images").mkdir(exist_ok=True)
     train = shapes.iter_split("train", s.seed)
     with open(root / "train.jsonl", "w") as f:
@@ -93,6 +97,12 @@ def build_data(s, root: Path) -> dict:
             f.write(json.dumps({"id": f"pair{i}", "image": name, "caption": shapes.caption(scene)}) + "\n")
         for i in range(s.train_texts):
             f.write(json.dumps({"id": f"text{i}", "text": shapes.caption(next(train))}) + "\n")
+        # Images without a caption teach the unconditional stream that classifier-free guidance
+        # contrasts with (spec §6.2); as in Make-A-Scene/Chameleon-style CFG, a share of the data.
+        for i in range(s.get("train_images", 0)):
+            name = f"images/train_uncond_{i:06d}.png"
+            shapes.render(next(train), s.image_size).save(root / name)
+            f.write(json.dumps({"id": f"image{i}", "segments": [{"image": name}]}) + "\n")
     # Held-out scenes come from the test split: perplexity pairs, then the generation scenes.
     test = shapes.iter_split("test", s.seed)
     with open(root / "heldout.jsonl", "w") as f:
@@ -108,8 +118,6 @@ def build_data(s, root: Path) -> dict:
         shapes.render(scene, s.image_size).save(root / name)
         scenes.append({"image": name, "caption": shapes.caption(scene)})
     (root / "eval_scenes.json").write_text(json.dumps(scenes, indent=1))
-    meta = {"train_pairs": s.train_pairs, "train_texts": s.train_texts, "heldout_pairs": s.heldout_pairs,
-            "eval_scenes": s.eval_scenes}
     _mark(root, meta)
     return meta
 
@@ -117,7 +125,8 @@ def build_data(s, root: Path) -> dict:
 def train_tokenizer(s, data: Path, root: Path) -> str:
     from chameleon_jax import text
 
-    model, settings = root / "spm.model", {"text_vocab_size": s.text_vocab_size}
+    model = root / "spm.model"
+    settings = {"text_vocab_size": s.text_vocab_size, "data": json.loads((data / "DONE").read_text())}
     if model.exists() and (not _done(root) or json.loads((root / "DONE").read_text()) != settings):
         log.info("retraining the tokenizer in %s: it was made with other settings than %s", root, settings)
         model.unlink()
@@ -153,7 +162,7 @@ def pretokenize(s, data: Path, out: Path, tokenizer_path: str, vq_config, vq_par
     load = functools.partial(vq_images.load_image, size=vq_cfg.resolution)
     manifests = {}
     settings = {"pair_loss": s.pair_loss, "image_first_fraction": s.image_first_fraction,
-                "text_vocab_size": s.text_vocab_size}
+                "text_vocab_size": s.text_vocab_size, "data": json.loads((data / "DONE").read_text())}
     for split in ("train", "heldout"):
         target = out / split
         if _done(target) and json.loads((target / "DONE").read_text()) != settings:
@@ -234,26 +243,30 @@ def evaluate_generation(s, graphdef, model_cfg, params, tokenizer, vq_config, vq
         cap_attr.append(attribute_accuracy(pred, truth))
 
     # Text → image: <s> caption <begin-image> ⇒ exactly h·w codes (+ end-image), decoded and analysed.
-    image_sampler = SamplingParams(temperature=s.image_temperature)
-    painter = Generator(graphdef, model_cfg, v, GenerationConfig(
-        max_new_tokens=h * w + 1, image=image_sampler, image_output=True, image_shape=(h, w),
-        guidance=s.guidance))
     prompts = [[v.bos, *tokenizer.encode(sc["caption"]).tolist(), v.begin_image] for sc in scenes]
-    out = painter(params, prompts, seed=s.seed)
-    gen_codes = np.stack([v.image_codes_of(out.tokens[i, : h * w]).reshape(h, w) for i in range(len(prompts))])
-    images = vq_images.to_uint8(np.asarray(jax.jit(vq_model.decode)(vq_params, gen_codes)))
-    t2i_rows, t2i_attr, readback = [], [], []
-    for img, truth in zip(images, truths):
-        pred = shapes.analyze(img)
-        readback.append(shapes.caption(pred) if pred else "(unreadable)")
-        t2i_rows.append(shapes.score(pred, truth))
-        t2i_attr.append(attribute_accuracy(pred, truth))
+
+    def text_to_image(guidance: str):
+        painter = Generator(graphdef, model_cfg, v, GenerationConfig(
+            max_new_tokens=h * w + 1, image=SamplingParams(temperature=s.image_temperature), image_output=True,
+            image_shape=(h, w), guidance=guidance, text_scale=s.get("text_scale", 3.0),
+            image_scale=s.get("image_scale", 1.2)))
+        out = painter(params, prompts, seed=s.seed)
+        gen_codes = np.stack([v.image_codes_of(out.tokens[i, : h * w]).reshape(h, w) for i in range(len(prompts))])
+        images = vq_images.to_uint8(np.asarray(jax.jit(vq_model.decode)(vq_params, gen_codes)))
+        preds = [shapes.analyze(img) for img in images]
+        scores = {**_mean([shapes.score(p, t) for p, t in zip(preds, truths)]),
+                  "attributes": _mean([attribute_accuracy(p, t) for p, t in zip(preds, truths)])}
+        return scores, images, [shapes.caption(p) if p else "(unreadable)" for p in preds]
+
+    t2i, images, readback = text_to_image(s.guidance)
+    if s.guidance != "none":  # what the guidance adds, measured on the same prompts
+        t2i["unguided"] = text_to_image("none")[0]
     # The VQ-GAN's own ceiling: are the reconstructions of the true codes read back correctly?
     recon = vq_images.to_uint8(np.asarray(jax.jit(vq_model.decode)(vq_params, codes)))
     ceiling = float(np.mean([shapes.analyze(r) == t for r, t in zip(recon, truths)]))
     return {
         "captioning": {**_mean(cap_rows), "attributes": _mean(cap_attr)},
-        "text_to_image": {**_mean(t2i_rows), "attributes": _mean(t2i_attr), "vqgan_readback_ceiling": ceiling},
+        "text_to_image": {**t2i, "guidance": s.guidance, "vqgan_readback_ceiling": ceiling},
         "examples": {"captions": captions, "truth": [sc["caption"] for sc in scenes], "images": images,
                      "inputs": (pixels + 1) * 127.5, "readback": readback},
     }
@@ -353,7 +366,10 @@ def write_report(workdir: Path, results: dict, examples: dict, metrics: list[dic
         "| metric | value | target |", "|---|---:|---:|",
         f"| captioning exact scene | {100 * cap['exact']:.1f}% | ≥ 90% |",
         f"| captioning parsed by the grammar | {100 * cap['parsed']:.1f}% | |",
-        f"| text-to-image exact scene (shape analyzer) | {100 * t2i['exact']:.1f}% | ≥ 80% |",
+        f"| text-to-image exact scene (shape analyzer; guidance: {t2i.get('guidance', 'none')}) | "
+        f"{100 * t2i['exact']:.1f}% | ≥ 80% |",
+        *([f"| text-to-image without guidance | {100 * t2i['unguided']['exact']:.1f}% | |"]
+          if "unguided" in t2i else []),
         f"| VQ-GAN ceiling: true codes decoded and read back | {100 * t2i['vqgan_readback_ceiling']:.1f}% | |",
         f"| held-out perplexity, text | {ppl.get('text/perplexity', float('nan')):.3f} | |",
         f"| held-out perplexity, image | {ppl.get('image/perplexity', float('nan')):.3f} | |",

@@ -44,3 +44,24 @@ def test_the_same_seed_gives_the_same_results(first_run, tmp_path):
     _, first = first_run
     second = smoke.run(_tiny_config(), tmp_path / "smoke_b")  # from nothing again, VQ-GAN included
     assert _comparable(second) == _comparable(first)
+
+
+def test_changed_data_settings_rebuild_the_data_and_the_tokenizer(tmp_path):
+    s = _tiny_config().smoke
+    s.train_images = 2
+    data = tmp_path / "data"
+    smoke.build_data(s, data)
+    tok = smoke.train_tokenizer(s, data, tmp_path / "tokenizer")
+    lines = (data / "train.jsonl").read_text().splitlines()
+    assert len(lines) == s.train_pairs + s.train_texts + s.train_images
+    assert sum('"segments"' in line for line in lines) == s.train_images  # caption-less images
+    made = (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns
+
+    smoke.train_tokenizer(s, data, tmp_path / "tokenizer")  # same settings: reused
+    assert (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns == made
+
+    s.train_texts += 3  # a stale cache would silently train on the old documents
+    smoke.build_data(s, data)
+    assert len((data / "train.jsonl").read_text().splitlines()) == len(lines) + 3
+    assert smoke.train_tokenizer(s, data, tmp_path / "tokenizer") == tok
+    assert (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns != made

@@ -122,13 +122,19 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
         else:
             (loss, sums), grads = grad_fn(state["params"], batch, key)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-        new_params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        def update(params, opt_state):
+            updates, new_opt = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        # A branch, not a select: a select over every parameter and moment reads old and new state
+        # once more per step (~85 ms of a 5 s CPU step, measured); the skip branch is the rare one.
+        new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o),
+                                           state["params"], state["opt_state"])
         new_state = {
-            "params": keep(new_params, state["params"]),
-            "opt_state": keep(new_opt, state["opt_state"]),
+            "params": new_params,
+            "opt_state": new_opt,
             "step": state["step"] + 1,
             "rng": state["rng"],
             "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
