@@ -28,21 +28,25 @@ def get_config(arg=None):
         image_size=64,
         train_pairs=24_000,       # image–caption pairs (each randomly image-first or caption-first); ~2 epochs
         train_texts=300,          # text-only documents (captions of other training scenes)
+        train_images=0,           # caption-less images: what an unconditional guidance stream learns from
         heldout_pairs=128,        # held-out pairs for perplexity per modality
         eval_scenes=100,          # held-out scenes for captioning and text-to-image
         # Pairs train the second modality given the first (captioning, text-to-image), as instruction
         # tuning does; "all" also trains unconditional image modelling, which a 1M-parameter model pays
         # for in captioning accuracy.
         pair_loss="target",
-        text_vocab_size=320,      # sentencepiece pieces incl. 7 reserved and 256 byte-fallback ids
+        image_first_fraction=0.35,  # share of pairs written image→text; the rest train text→image
+        text_vocab_size=384,      # 7 reserved + 256 byte-fallback ids + 121 learned: every caption word whole
         vqgan_config="experiments/vqgan_smoke.py:patch",  # patch-local codes: see that file
         # Fixed step count instead of the VQ-GAN config's wall-clock budget: same seed, same tokenizer.
         vqgan_overrides={"train": {"time_budget_s": 0, "steps": 1200, "eval_every": 1200,
                                    "checkpoint_every": 300}, "optim": {"decay_steps": 1200},
                          "disc_optim": {"decay_steps": 1200}},
-        caption_tokens=64,        # generation budget for a caption (the longest held-out caption is 44 pieces)
+        caption_tokens=64,        # generation budget for a caption (held-out captions: at most 18 pieces)
         image_temperature=0.0,    # 0 = greedy image codes
         guidance="none",          # "none" | "two" | "three" (classifier-free guidance for images)
+        text_scale=3.0,           # guidance scales (spec §6.2 defaults)
+        image_scale=1.2,
         grid_examples=16,
     ))
     if arg == "quick":
