@@ -180,6 +180,8 @@ def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_
     """
     if pair_loss not in ("all", "target"):
         raise ValueError(f"pair_loss={pair_loss!r}: use 'all' (every token) or 'target' (the second modality only)")
+    if not 0.0 <= image_first_fraction <= 1.0:  # before any document, not at the first pair
+        raise ValueError(f"image_first_fraction={image_first_fraction}: pass a share in [0, 1]")
     encode_batch = encode_batch or getattr(encode_images, "batch_size", 16)
     b = _ShardBuilder(tokenizer, encode_images, tokenizer.vocab, seed, seq_len, pair_loss, image_first_fraction)
     for item in readers.read(unit):

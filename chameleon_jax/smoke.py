@@ -69,6 +69,11 @@ def _done(path: Path) -> bool:
     return (path / "DONE").exists()
 
 
+def _settings(path: Path) -> dict | None:
+    """The settings a finished stage recorded in its DONE marker (None if unfinished)."""
+    return json.loads((path / "DONE").read_text()) if _done(path) else None
+
+
 def _mark(path: Path, info: dict | None = None):
     (path / "DONE").write_text(json.dumps(info or {}, indent=2))
 
@@ -83,7 +88,7 @@ def build_data(s, root: Path) -> dict:
     meta = {"train_pairs": s.train_pairs, "train_texts": s.train_texts,
             "train_images": s.get("train_images", 0), "heldout_pairs": s.heldout_pairs, "eval_scenes": s.eval_scenes}
     if _done(root):
-        if json.loads((root / "DONE").read_text()) == meta:
+        if _settings(root) == meta:
             return meta
         log.info("rebuilding the data in %s: it was made with other settings than %s", root, meta)
         (root / "DONE").unlink()
@@ -126,8 +131,8 @@ def train_tokenizer(s, data: Path, root: Path) -> str:
     from chameleon_jax import text
 
     model = root / "spm.model"
-    settings = {"text_vocab_size": s.text_vocab_size, "data": json.loads((data / "DONE").read_text())}
-    if model.exists() and (not _done(root) or json.loads((root / "DONE").read_text()) != settings):
+    settings = {"text_vocab_size": s.text_vocab_size, "data": _settings(data)}
+    if model.exists() and _settings(root) != settings:
         log.info("retraining the tokenizer in %s: it was made with other settings than %s", root, settings)
         model.unlink()
     if not model.exists():
@@ -162,10 +167,10 @@ def pretokenize(s, data: Path, out: Path, tokenizer_path: str, vq_config, vq_par
     load = functools.partial(vq_images.load_image, size=vq_cfg.resolution)
     manifests = {}
     settings = {"pair_loss": s.pair_loss, "image_first_fraction": s.image_first_fraction,
-                "text_vocab_size": s.text_vocab_size, "data": json.loads((data / "DONE").read_text())}
+                "text_vocab_size": s.text_vocab_size, "data": _settings(data)}
     for split in ("train", "heldout"):
         target = out / split
-        if _done(target) and json.loads((target / "DONE").read_text()) != settings:
+        if _done(target) and _settings(target) != settings:
             shutil.rmtree(target)  # tokenized under other settings: its finished shards must not be resumed
         if not _done(target):
             pt.run([str(data / f"{split}.jsonl")], str(target), tokenizer=tok, encode_images=encode,
@@ -343,9 +348,18 @@ def _loss_curves(metrics: list[dict], path: Path):
     plt.close(fig)
 
 
-def write_report(workdir: Path, results: dict, examples: dict, metrics: list[dict], n_grid: int):
+def _misses(title: str, output_name: str, truths: list[str], outputs: list[str]) -> list[str]:
+    """Markdown lines: a table of the outputs whose parsed scene differs from the truth's (none: no lines)."""
     from chameleon_jax.data import shapes
 
+    rows = [(t, o) for t, o in zip(truths, outputs) if shapes.parse_caption(o) != shapes.parse_caption(t)]
+    if not rows:
+        return []
+    return [f"## {title} ({len(rows)})", "", f"| truth | {output_name} |", "|---|---|",
+            *(f"| {t} | {o.strip().replace('|', '/') or '(empty)'} |" for t, o in rows), ""]
+
+
+def write_report(workdir: Path, results: dict, examples: dict, metrics: list[dict], n_grid: int):
     _loss_curves(metrics, workdir / "loss_curves.png")
     n = min(n_grid, len(examples["truth"]))
     _grid_png(workdir / "text_to_image.png",
@@ -384,21 +398,10 @@ def write_report(workdir: Path, results: dict, examples: dict, metrics: list[dic
         "![loss curves](loss_curves.png)", "", "![text to image](text_to_image.png)", "",
         "![captioning](captioning.png)", "",
     ]
-    # Every wrong caption, so that a miss can be told apart: an unparseable string, a wrong attribute, or an
-    # image the VQ-GAN could not represent (compare with the read-back ceiling above).
-    misses = [(t, c) for t, c in zip(examples["truth"], examples["captions"])
-              if shapes.parse_caption(c) != shapes.parse_caption(t)]
-    if misses:
-        lines += [f"## Captioning misses ({len(misses)})", "", "| truth | model |", "|---|---|"]
-        lines += [f"| {t} | {c.strip().replace('|', '/') or '(empty)'} |" for t, c in misses]
-        lines.append("")
-    t2i_misses = [(t, r) for t, r in zip(examples["truth"], examples["readback"])
-                  if shapes.parse_caption(r) != shapes.parse_caption(t)]
-    if t2i_misses:
-        lines += [f"## Text-to-image misses ({len(t2i_misses)})", "", "| prompt | read back from the image |",
-                  "|---|---|"]
-        lines += [f"| {t} | {r} |" for t, r in t2i_misses]
-        lines.append("")
+    # Every miss, truth beside output, so that a miss can be told apart: an unparseable string, a wrong
+    # attribute, or an image the VQ-GAN could not represent (compare with the read-back ceiling above).
+    lines += _misses("Captioning misses", "model", examples["truth"], examples["captions"])
+    lines += _misses("Text-to-image misses", "read back from the image", examples["truth"], examples["readback"])
     (workdir / "report.md").write_text("\n".join(lines))
 
 
