@@ -226,9 +226,20 @@ def test_rope_backward_is_the_inverse_rotation():
     pos = jnp.asarray(rng.integers(0, 50, (2, 6)), jnp.int32)
     cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     angles = (pos[..., None] * attention.rope_frequencies(8, 10_000.0))[:, :, None, :]
-    out, vjp = jax.vjp(lambda x: attention.apply_rope(x, attention.rope_table(pos, 8, 10_000.0)), x)
+    out, vjp = jax.vjp(lambda x: attention.apply_rope(x, attention.rope_table(pos, 8, 10_000.0, size=50)), x)
     ref, ref_vjp = jax.vjp(lambda x: attention._rotate_impl(x, jnp.cos(angles), jnp.sin(angles)), x)
-    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(vjp(cot)[0], ref_vjp(cot)[0], rtol=1e-5, atol=1e-6)
     # a rotation keeps norms, so its vjp does too
     np.testing.assert_allclose(jnp.linalg.norm(vjp(cot)[0], axis=-1), jnp.linalg.norm(cot, axis=-1), rtol=1e-5)
+
+
+def test_rope_table_matches_in_graph_angles_and_flags_positions_past_its_size():
+    from chameleon_jax.model import attention
+    pos = jnp.asarray([[0, 1, 2, 4095], [7, 100, 4096, 3]], jnp.int32)
+    cos, sin = attention.rope_table(pos, 128, 10_000.0, size=4096)
+    angles = (pos[..., None].astype(jnp.float32) * jnp.asarray(attention.rope_frequencies(128, 10_000.0)))
+    valid = np.asarray(pos < 4096)
+    np.testing.assert_allclose(np.asarray(cos[:, :, 0])[valid], np.cos(np.asarray(angles))[valid], atol=2e-6)
+    np.testing.assert_allclose(np.asarray(sin[:, :, 0])[valid], np.sin(np.asarray(angles))[valid], atol=2e-6)
+    assert np.isnan(np.asarray(cos[1, 2])).all() and np.isnan(np.asarray(sin[1, 2])).all()

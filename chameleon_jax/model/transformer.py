@@ -232,12 +232,13 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
         x = constrain(x, ("batch", "length", "act_embed"))
         q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        rope = rope_table(positions, cfg.head_dim, cfg.rope_theta)
         if cache is None:
+            rope = rope_table(positions, cfg.head_dim, cfg.rope_theta, size=t)
             mask_inputs = (segment_ids, segment_ids, q_index, q_index)
         else:
             s = kv_segment_ids.shape[1]
             kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            rope = rope_table(positions, cfg.head_dim, cfg.rope_theta, size=max(s, t))
             mask_inputs = (segment_ids, kv_segment_ids, q_index + cache_index, kv_index)
 
         if layers is not None:
