@@ -17,7 +17,9 @@ def get_config(arg=None):
     c.model.update(vocab_size=0, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=32, ffn_dim=384,
                    dropout=0.0, scan_layers=True)
     c.loss.image_ids = (4, 4)
-    c.optimizer.update(peak_lr=2e-3, warmup_steps=50, decay="cosine", final_lr_fraction=0.05, weight_decay=0.05)
+    # 2e-3 scored 81-86% / 73-85% (captioning / text->image) in runs differing only in noise; 4e-3 70% / 50%;
+    # 1.2e-3 gave 92% / 87-88% over two model inits (README, Smoke experiment).
+    c.optimizer.update(peak_lr=1.2e-3, warmup_steps=50, decay="cosine", final_lr_fraction=0.05, weight_decay=0.05)
     c.train.update(steps=2000, batch_size=8, seq_len=256, log_every=25, eval_every=1000, seed=0)
     c.checkpoint.update(every=1000, keep=1, async_save=False)
     c.eval.steps = 4
