@@ -47,6 +47,12 @@ def test_splits_are_disjoint_and_cover_all_scenes():
     assert counts["train"] > 0.8 * len(seen) and counts["val"] > 0 and counts["test"] > 0
     val = list(S.iter_split("val", seed=0, n=20))
     assert len(val) == 20 and all(S.split_of(s) == "val" for s in val)
+    draws = list(S.iter_split("val", seed=0, n=256))
+    assert len(set(draws)) < len(draws)  # plain draws repeat scenes (single-object ones above all)
+    unique = list(S.iter_split("val", seed=0, n=256, unique=True))
+    assert len(set(unique)) == 256 and all(S.split_of(s) == "val" for s in unique)
+    first_seen = list(dict.fromkeys(S.iter_split("val", seed=0, n=len(draws) * 3)))[:256]
+    assert unique == first_seen  # the same stream, repeats dropped, order kept
     with pytest.raises(ValueError, match="pick one of"):
         next(S.iter_split("holdout"))
 
