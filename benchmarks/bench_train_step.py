@@ -57,8 +57,8 @@ def _optimizer_config():
                                           weight_decay=0.1, clip_norm=1.0))
 
 
-def make_ours(batch_np, scan_layers):
-    """(one timed step -> seconds, compile seconds, last loss) for our jitted, donated train step."""
+def setup_ours(batch_np, scan_layers):
+    """(graphdef, mesh, state, jitted donated step, device batch) at the benchmark's shapes."""
     import jax
     from chameleon_jax import model as model_lib
     from chameleon_jax.model import sharding as shd
@@ -72,6 +72,14 @@ def make_ours(batch_np, scan_layers):
     step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, cfg, tx, step_lib.LossConfig(image_ids=(4, 8196))),
                                    mesh, shardings)
     batch = jax.device_put(batch_np, jax.sharding.NamedSharding(mesh, shd.BATCH_SPEC))
+    return graphdef, mesh, state, step, batch
+
+
+def make_ours(batch_np, scan_layers):
+    """(one timed step -> seconds, compile seconds, last loss) for our jitted, donated train step."""
+    import jax
+
+    _, mesh, state, step, batch = setup_ours(batch_np, scan_layers)
     holder = {"state": state}
 
     def one_step():

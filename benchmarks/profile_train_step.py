@@ -62,15 +62,9 @@ def main():
 
     import bench_train_step as b
     from chameleon_jax import model as model_lib
-    from chameleon_jax.model import sharding as shd
-    from chameleon_jax.train import loss as loss_lib, optimizer as opt_lib, step as step_lib
+    from chameleon_jax.train import loss as loss_lib
 
-    cfg = b.model_config(False)
-    tx = opt_lib.make_optimizer(b._optimizer_config(), 1000)
-    graphdef, _ = model_lib.abstract(cfg)
-    mesh = shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    state, shardings = step_lib.init_sharded_state(cfg, tx, mesh, jax.random.PRNGKey(0))
-    batch = jax.device_put(b._batch(4, 512), jax.sharding.NamedSharding(mesh, shd.BATCH_SPEC))
+    graphdef, mesh, state, step, batch = b.setup_ours(b._batch(4, 512), scan_layers=False)
     params = jax.tree.map(jnp.copy, state["params"])  # the step donates `state`; these stay alive
 
     def body(p):
@@ -85,8 +79,6 @@ def main():
         return loss_lib.fused_loss_and_metrics(model.final_norm(body(p)), model.output[...], batch,
                                                image_ids=(4, 8196))[0]
 
-    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, cfg, tx, step_lib.LossConfig(image_ids=(4, 8196))),
-                                   mesh, shardings)
     holder = {"state": state}
 
     def train_step():
