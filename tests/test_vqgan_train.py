@@ -73,3 +73,22 @@ def test_train_checkpoints_resumes_and_caches(tmp_path):
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)))
+
+
+def test_weight_average_is_what_gets_evaluated():
+    c = vqgan_smoke.get_config("tiny")
+    c.unlock()
+    c.train.ema_decay = 0.999
+    state = T.init_state(c, jax.random.key(0))
+    before = jax.tree.map(np.asarray, state["params"])
+    state, _ = T.make_train_step(c, gan=False)(state, T.train_batch(c, 0), None)
+    # step 0: decay warms up at min(0.999, 1/10), so the average is 0.1·init + 0.9·new
+    k = ("decoder", "conv_out", "kernel")
+    new, ema = state["params"], state["ema_params"]
+    expect = 0.1 * before[k[0]][k[1]][k[2]] + 0.9 * np.asarray(new[k[0]][k[1]][k[2]])
+    np.testing.assert_allclose(ema[k[0]][k[1]][k[2]], expect, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(ema[k[0]][k[1]][k[2]], new[k[0]][k[1]][k[2]])
+    np.testing.assert_allclose(jnp.linalg.norm(ema["quantize"]["embedding"], axis=-1), 1.0, atol=1e-5)
+    assert T.eval_params(state) is ema
+    del state["ema_params"]
+    assert T.eval_params(state) is state["params"]  # without the option the live weights are evaluated

@@ -9,7 +9,8 @@ Public API:
 
     Obj(cell, shape, color, size)        one object; cell is 0..8 in row-major order (CELLS names them)
     Scene(objects)                       a tuple of Obj sorted by cell (the canonical order); hashable
-    sample_scene(seed, index) -> Scene   deterministic
+    sample_scene(seed, index) -> Scene   deterministic (uniform=True: every distinct scene equally likely)
+    scene_counts()                       distinct scenes per object count: [324, 46656]
     render(scene, size=64) -> PIL.Image  RGB; render_array(...) gives uint8 [H, W, 3]
     object_boxes(scene, size=64)         float [n, 4] (x0, y0, x1, y1) pixel boxes, for region losses
     caption(scene) -> str                "a large red circle at the top left and a small blue square at the center."
@@ -25,6 +26,7 @@ the analyzer (B4.1).
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Iterator, NamedTuple, Sequence
 
@@ -69,9 +71,23 @@ class Scene(NamedTuple):
         return cls(objs)
 
 
-def sample_scene(seed: int, index: int, max_objects: int = MAX_OBJECTS) -> Scene:
+def scene_counts(max_objects: int = MAX_OBJECTS) -> np.ndarray:
+    """[max_objects] number of distinct scenes with 1, 2, … objects: C(9, n) · 36^n (1: 324, 2: 46,656)."""
+    attrs = len(SHAPES) * len(COLORS) * len(SIZES)
+    return np.array([math.comb(len(CELLS), n) * attrs ** n for n in range(1, max_objects + 1)], np.float64)
+
+
+def sample_scene(seed: int, index: int, max_objects: int = MAX_OBJECTS, uniform: bool = False) -> Scene:
+    """The scene at (seed, index). By default the object count is drawn first (1 and 2 equally likely:
+    captions and the smoke corpora want that mix); `uniform` draws every distinct scene equally often
+    instead, so a single-object scene is 0.7% of draws rather than 50% (a tokenizer's training stream:
+    it never sees the same 324 single-object scenes over and over)."""
     rng = np.random.default_rng([seed, index])
-    n = int(rng.integers(1, max_objects + 1))
+    if uniform:
+        w = scene_counts(max_objects)
+        n = int(rng.choice(len(w), p=w / w.sum())) + 1
+    else:
+        n = int(rng.integers(1, max_objects + 1))
     cells = rng.choice(len(CELLS), size=n, replace=False)
     return Scene.of(Obj(int(c), SHAPES[rng.integers(len(SHAPES))], COLOR_NAMES[rng.integers(len(COLORS))],
                         SIZE_NAMES[rng.integers(len(SIZES))]) for c in cells)

@@ -45,9 +45,10 @@ def train_batch(config, step: int) -> np.ndarray:
     """Images float32 [B, S, S, 3] in [-1, 1] for `step`: a pure function of (seed, step), so resumes
     see exactly the batches they would have seen."""
     d = config.data
+    uniform = d.get("uniform_scenes", False)  # every distinct scene equally likely (shapes.sample_scene)
     scenes, index = [], step * d.batch_size * 4
     while len(scenes) < d.batch_size:
-        s = shapes.sample_scene(d.seed, index)
+        s = shapes.sample_scene(d.seed, index, uniform=uniform)
         index += 1
         if shapes.split_of(s) == "train":
             scenes.append(s)
@@ -106,9 +107,21 @@ def init_state(config, rng) -> dict:
         params = _normalise_codebook(params)
     d = config.loss
     dparams = discriminator.init(k_d, ndf=d.disc_ndf, n_layers=d.disc_layers)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": _optimizer(config.optim).init(params),
-            "disc_params": dparams, "disc_opt_state": _optimizer(config.disc_optim).init(dparams),
-            "code_ema": jnp.zeros((config.model.n_embed,), jnp.float32), "rng": k_r}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": _optimizer(config.optim).init(params),
+             "disc_params": dparams, "disc_opt_state": _optimizer(config.disc_optim).init(dparams),
+             "code_ema": jnp.zeros((config.model.n_embed,), jnp.float32), "rng": k_r}
+    if _ema_decay(config):
+        state["ema_params"] = jax.tree.map(jnp.copy, params)  # own buffers: the state is donated
+    return state
+
+
+def _ema_decay(config) -> float:
+    return float(config.train.get("ema_decay", 0.0))
+
+
+def eval_params(state: dict) -> dict:
+    """The weights to evaluate and export: the EMA copy when `train.ema_decay` keeps one."""
+    return state.get("ema_params", state["params"])
 
 
 def _normalise_codebook(params):
@@ -132,6 +145,7 @@ def make_train_step(config, *, gan: bool):
     """(state, images, lpips_params) -> (state, metrics). `gan` selects the variant with the PatchGAN
     terms; the loop switches to it at `loss.disc_start`, so earlier steps pay nothing for D."""
     L, q = config.loss, config.quantizer
+    ema_decay = _ema_decay(config)
     tx, dtx = _optimizer(config.optim), _optimizer(config.disc_optim)
     use_lpips = L.perceptual_weight > 0
 
@@ -194,6 +208,13 @@ def make_train_step(config, *, gan: bool):
         if q.l2_norm:
             new["params"] = _normalise_codebook(new["params"])
         new["code_ema"] = ema
+        if ema_decay:
+            # Polyak average of the weights, warmed up (1+t)/(10+t) so early weights fade fast; the
+            # codebook is averaged too and then put back on the unit sphere the lookup assumes.
+            t = state["step"].astype(jnp.float32)
+            d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+            avg = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], new["params"])
+            new["ema_params"] = _normalise_codebook(avg) if q.l2_norm else avg
         metrics["batch_usage"] = jnp.mean(counts > 0)
         metrics["psnr"] = jnp.mean(losses.psnr(x, x_hat))
         return new, metrics
@@ -309,7 +330,7 @@ def train(config, workdir) -> dict:
                 writer.write(done, m)
                 bar.set_postfix(loss=f"{m['train/loss']:.4f}", psnr=f"{m['train/psnr']:.1f}")
             if done % config.train.eval_every == 0 or done == total:
-                em, recon = evaluate(state["params"], scenes, eval_images, n_embed=n_embed,
+                em, recon = evaluate(eval_params(state), scenes, eval_images, n_embed=n_embed,
                                      lpips_params=lp if config.eval.lpips else None)
                 writer.write(done, {f"eval/{k}": v for k, v in em.items()})
                 _write_images(writer, workdir, done, eval_images, recon)
@@ -322,8 +343,8 @@ def train(config, workdir) -> dict:
         feed.close()
         mngr.wait_until_finished()
         writer.close()
-    checkpoint.export_params(state["params"], workdir / EXPORT, config)
-    return state["params"]
+    checkpoint.export_params(eval_params(state), workdir / EXPORT, config)
+    return eval_params(state)
 
 
 def train_or_load(config, workdir):
