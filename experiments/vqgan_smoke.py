@@ -22,14 +22,17 @@ def get_config(arg=None):
     c.loss = dict(reconstruction="l2",  # L2 = what PSNR measures; "l1" is the taming default
                    perceptual_weight=0.0, codebook_weight=1.0,
                   disc_weight=0.0, disc_start=10_000, disc_adaptive=True, disc_ndf=32, disc_layers=2)
-    c.optim = dict(lr=2e-3, b1=0.9, b2=0.99, warmup_steps=20, decay_steps=1300, final_lr_fraction=0.05, grad_clip=1.0)
-    c.disc_optim = dict(lr=2e-4, b1=0.5, b2=0.9, warmup_steps=0, decay_steps=1300, final_lr_fraction=1.0, grad_clip=0.0)
+    c.optim = dict(lr=2e-3, b1=0.9, b2=0.99, warmup_steps=20, decay_steps=4000, final_lr_fraction=0.05, grad_clip=1.0)
+    c.disc_optim = dict(lr=2e-4, b1=0.5, b2=0.9, warmup_steps=0, decay_steps=4000, final_lr_fraction=1.0, grad_clip=0.0)
     # scenes drawn uniformly over distinct scenes (mostly two objects), like the held-out evaluation; the
     # corpora's 50% single-object draws would repeat the same ~290 training scenes in half the batch
     c.data = dict(seed=0, batch_size=8, image_size=64, uniform_scenes=True)
-    # ~0.45 s/step on 2 vCPUs with one device per core; the budget leaves room for compile and the final eval
-    c.train = dict(steps=1300, log_every=25, eval_every=1300, checkpoint_every=250, keep_checkpoints=2,
+    # 0.14-0.45 s/step on 2 vCPUs (one device per core), depending on the neighbours: `fit_to_budget`
+    # plans as many steps as fit the 540 s budget (up to `steps`; decay lengths scale with the plan), so
+    # the schedule always ends decayed; the budget leaves room for compile and the final eval
+    c.train = dict(steps=4000, log_every=25, eval_every=4000, checkpoint_every=250, keep_checkpoints=2,
                    time_budget_s=540,  # stop (and export) early when the wall-clock budget is spent
+                   fit_to_budget=True,
                    ema_decay=0.99)  # evaluate and export a Polyak average of the weights (~100-step window)
     c.eval = dict(num_images=256, lpips=False)
     if arg == "patch":  # the smoke experiment's tokenizer: patch-local codes (model.encoder_kind docs)
@@ -38,7 +41,7 @@ def get_config(arg=None):
         c.model.n_embed = 512
         c.data.uniform_scenes = False
         c.optim.decay_steps = c.disc_optim.decay_steps = c.train.steps = c.train.eval_every = 1250
-        c.train.ema_decay = 0.0
+        c.train.update(ema_decay=0.0, fit_to_budget=False)
     if arg == "tiny":  # unit tests: a few seconds per step even under load
         c.model.update(ch=32, ch_mult=(1, 2), z_channels=32, embed_dim=8, n_embed=64, resolution=16)
         c.data.update(batch_size=8, image_size=16)

@@ -92,3 +92,25 @@ def test_weight_average_is_what_gets_evaluated():
     assert T.eval_params(state) is ema
     del state["ema_params"]
     assert T.eval_params(state) is state["params"]  # without the option the live weights are evaluated
+
+
+def test_budget_plan_fits_the_schedule_and_shrinks_when_the_machine_slows(tmp_path):
+    c = vqgan_smoke.get_config()
+    c.train.update(steps=1000, time_budget_s=100, checkpoint_every=250, fit_to_budget=True)
+    c.optim.update(warmup_steps=20, decay_steps=1000)
+    plan = T._BudgetPlan(c, tmp_path)
+    assert plan.steps == 1000 and plan.wants_timing(1, 0) and plan.wants_timing(20, 0)
+    assert not plan.wants_timing(19, 0)
+    assert not plan.update(1, 0, 5.0)  # step 1 carries the compile: starts the window only
+    # 0.1 s/step over the warm-up, 93.1 s left: 20 + int(0.9 * 931) = 857 steps, decay scaled with them
+    assert plan.update(20, 0, 6.9) and plan.steps == 857
+    assert plan.config().optim.decay_steps == 857 and plan.config().train.steps == 1000
+    assert not plan.update(21, 0, 12.0)  # the recompiled step: restarts the window
+    assert not plan.update(250, 0, 12.0 + 229 * 0.1)  # on time: unchanged
+    assert plan.steps == 857
+    # 0.2 s/step from here: 500 + int(0.9 * (100 - 84.9) / 0.2) = 567
+    assert plan.update(500, 0, 34.9 + 250 * 0.2) and plan.steps == 567
+    assert T._BudgetPlan(c, tmp_path).steps == 567  # a resumed run keeps its plan
+    c.train.fit_to_budget = False
+    off = T._BudgetPlan(c, tmp_path / "off")
+    assert off.steps == 1000 and not off.wants_timing(1, 0) and off.config().optim.decay_steps == 1000

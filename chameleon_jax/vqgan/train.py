@@ -13,6 +13,7 @@ codebook is kept unit-norm, so `model.encode` needs no flag) and dead-code resta
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -280,6 +281,62 @@ def _grid(x: np.ndarray, cols: int = 4, pad: int = 2) -> np.ndarray:
     return g
 
 
+class _BudgetPlan:
+    """With `train.fit_to_budget`, sizes the schedule to the wall-clock budget on the machine at hand.
+
+    The step time is measured over the warm-up (whose learning rates do not depend on the schedule's
+    length), and the run is planned to end, fully decayed, within `train.time_budget_s` with a margin;
+    `train.steps` is then an upper bound, and the decay lengths scale with the planned steps. At each
+    checkpoint the plan is checked against the recent step time and shortened if the machine slowed
+    down, so a slow spell costs steps rather than a run cut off at a high learning rate. The plan is
+    kept in workdir/schedule.json, so a resumed run follows the schedule it started with.
+    """
+
+    MARGIN = 0.9  # planned time / time left: room for noise and checkpoint writes
+
+    def __init__(self, config, workdir: Path):
+        self._config, self._file = config, Path(workdir) / "schedule.json"
+        self.enabled = bool(config.train.get("fit_to_budget", False) and config.train.get("time_budget_s", 0))
+        self.steps = config.train.steps
+        self._planned = False
+        if self.enabled and self._file.exists():
+            self.steps, self._planned = json.loads(self._file.read_text())["steps"], True
+        self._mark = None  # (done, elapsed) where the current timing window began
+        self._restart = False  # a new plan recompiles the step: start the next window after that
+
+    def config(self):
+        c = ml_collections.ConfigDict(self._config.to_dict())
+        if self.steps != c.train.steps:
+            scale = self.steps / c.train.steps
+            for o in (c.optim, c.disc_optim):
+                o.decay_steps = max(1, round(o.decay_steps * scale))
+        return c
+
+    def wants_timing(self, done: int, start: int) -> bool:
+        if not self.enabled:
+            return False
+        warm = max(self._config.optim.warmup_steps, 10)
+        return done == start + 1 or self._restart or (not self._planned and done == start + warm) or \
+            done % self._config.train.checkpoint_every == 0
+
+    def update(self, done: int, start: int, elapsed: float) -> bool:
+        """Called (after a device sync) at the points `wants_timing` picks; True if the plan changed."""
+        mark, self._mark = self._mark, (done, elapsed)
+        if mark is None or done == start + 1 or self._restart:  # those steps included compilation
+            self._restart = False
+            return False
+        per_step = (elapsed - mark[1]) / (done - mark[0])
+        left = self._config.train.time_budget_s - elapsed
+        if self._planned and done + left / per_step >= self.steps:
+            return False  # still on time (the margin is kept for new plans, so it does not compound)
+        new = max(done + 1, min(self._config.train.steps, done + int(self.MARGIN * left / per_step)))
+        changed = new != self.steps
+        self.steps, self._planned, self._restart = new, True, changed
+        if jax.process_index() == 0:
+            self._file.write_text(json.dumps({"steps": new, "seconds_per_step": per_step, "at_step": done}))
+        return changed
+
+
 def train(config, workdir) -> dict:
     """Trains (resuming if checkpoints exist) and returns the final params; writes workdir/export."""
     from tqdm import tqdm
@@ -307,13 +364,15 @@ def train(config, workdir) -> dict:
     if config.loss.perceptual_weight > 0 or config.eval.lpips:
         if config.loss.perceptual_weight > 0 or perceptual.available():
             lp = jax.device_put(perceptual.load_params(), replicated)
-    steps = {gan: make_train_step(config, gan=gan) for gan in (False, True)}
+    plan = _BudgetPlan(config, workdir)
+    run_config = plan.config()
+    steps = {gan: make_train_step(run_config, gan=gan) for gan in (False, True)}
     scenes, eval_images = eval_set(config)
     n_embed = config.model.n_embed
     writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
-    total = config.train.steps
+    total = plan.steps
     feed = _Prefetch(config, start)
-    bar = tqdm(range(start, total), initial=start, total=total, desc="vqgan", dynamic_ncols=True)
+    bar = tqdm(range(start, config.train.steps), initial=start, total=total, desc="vqgan", dynamic_ncols=True)
     gan_on = config.loss.disc_weight > 0
     budget = config.train.get("time_budget_s", 0)
     t0 = time.monotonic()
@@ -322,6 +381,13 @@ def train(config, workdir) -> dict:
             x = jax.device_put(feed.next(), batch_sharding)
             state, m = steps[gan_on and step >= config.loss.disc_start](state, x, lp)
             done = step + 1
+            if plan.wants_timing(done, start):
+                jax.block_until_ready(state["step"])
+                if plan.update(done, start, time.monotonic() - t0):
+                    run_config, total = plan.config(), plan.steps
+                    steps = {gan: make_train_step(run_config, gan=gan) for gan in (False, True)}
+                    bar.total = total
+                    bar.write(f"schedule fitted to the {budget:.0f} s budget: {total} steps")
             if budget and time.monotonic() - t0 > budget and done < total:
                 log.warning("time budget of %ss spent at step %d of %d: finishing here", budget, done, total)
                 total = done
