@@ -9,6 +9,8 @@ Stages of this file: data → state (init / abstract shapes) → jitted update �
 Losses: L1 (or L2) + optional LPIPS-VGG, codebook + commitment (β, legacy weighting), PatchGAN hinge with
 the adaptive weight from `disc_start` on. Codebook health: optional l2-normalised lookup (the stored
 codebook is kept unit-norm, so `model.encode` needs no flag) and dead-code restarts from batch latents.
+Options for a wall-clock budget: `train.fit_to_budget` sizes the schedule to `train.time_budget_s` on the
+machine at hand (`_BudgetPlan`), and `train.ema_decay` evaluates and exports averaged weights.
 """
 from __future__ import annotations
 
