@@ -299,6 +299,12 @@ class _BudgetPlan:
     def __init__(self, config, workdir: Path):
         self._config, self._file = config, Path(workdir) / "schedule.json"
         self.enabled = bool(config.train.get("fit_to_budget", False) and config.train.get("time_budget_s", 0))
+        if self.enabled and jax.process_count() > 1:
+            # each host would time its own steps and could plan a different length: the hosts' step
+            # counts would diverge and the collectives hang
+            raise ValueError(f"train.fit_to_budget plans from one host's step time, but {jax.process_count()} "
+                             "processes are running: set --config.train.fit_to_budget=False and size "
+                             "train.steps / optim.decay_steps yourself")
         self.steps = config.train.steps
         self._planned = False
         if self.enabled and self._file.exists():
