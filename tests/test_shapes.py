@@ -14,7 +14,6 @@ def test_sampling_is_deterministic_and_varied():
     np.testing.assert_array_equal(S.render_array(a[0]), S.render_array(a[0]))
 
 
-
 def test_uniform_sampling_weights_every_distinct_scene_alike():
     # the closed-form counts match an enumeration of the scene space
     import itertools
@@ -30,6 +29,7 @@ def test_uniform_sampling_weights_every_distinct_scene_alike():
     assert len(set(uniform)) > 2850  # almost no repeats among 47k scenes
     # the default stream is unchanged by the option (the smoke corpora depend on it)
     assert S.sample_scene(0, 7) == S.sample_scene(0, 7, uniform=False)
+
 
 def test_analyzer_recovers_clean_renders():
     scenes = [S.sample_scene(0, i) for i in range(400)]

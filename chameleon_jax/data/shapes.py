@@ -25,6 +25,7 @@ the analyzer (B4.1).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -77,6 +78,12 @@ def scene_counts(max_objects: int = MAX_OBJECTS) -> np.ndarray:
     return np.array([math.comb(len(CELLS), n) * attrs ** n for n in range(1, max_objects + 1)], np.float64)
 
 
+@functools.lru_cache(maxsize=None)
+def _object_count_probs(max_objects: int) -> np.ndarray:
+    w = scene_counts(max_objects)  # cached: sample_scene runs per image in the training stream
+    return w / w.sum()
+
+
 def sample_scene(seed: int, index: int, max_objects: int = MAX_OBJECTS, uniform: bool = False) -> Scene:
     """The scene at (seed, index). By default the object count is drawn first (1 and 2 equally likely:
     captions and the smoke corpora want that mix); `uniform` draws every distinct scene equally often
@@ -84,8 +91,8 @@ def sample_scene(seed: int, index: int, max_objects: int = MAX_OBJECTS, uniform:
     it never sees the same 324 single-object scenes over and over)."""
     rng = np.random.default_rng([seed, index])
     if uniform:
-        w = scene_counts(max_objects)
-        n = int(rng.choice(len(w), p=w / w.sum())) + 1
+        p = _object_count_probs(max_objects)
+        n = int(rng.choice(len(p), p=p)) + 1
     else:
         n = int(rng.integers(1, max_objects + 1))
     cells = rng.choice(len(CELLS), size=n, replace=False)

@@ -373,8 +373,12 @@ def train(config, workdir) -> dict:
         if config.loss.perceptual_weight > 0 or perceptual.available():
             lp = jax.device_put(perceptual.load_params(), replicated)
     plan = _BudgetPlan(config, workdir)
-    run_config = plan.config()
-    steps = {gan: make_train_step(run_config, gan=gan) for gan in (False, True)}
+
+    def build_steps():  # both variants, for the current plan's schedule
+        run_config = plan.config()
+        return {gan: make_train_step(run_config, gan=gan) for gan in (False, True)}
+
+    steps = build_steps()
     scenes, eval_images = eval_set(config)
     n_embed = config.model.n_embed
     writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
@@ -392,8 +396,7 @@ def train(config, workdir) -> dict:
             if plan.wants_timing(done, start):
                 jax.block_until_ready(state["step"])
                 if plan.update(done, start, time.monotonic() - t0):
-                    run_config, total = plan.config(), plan.steps
-                    steps = {gan: make_train_step(run_config, gan=gan) for gan in (False, True)}
+                    total, steps = plan.steps, build_steps()
                     bar.total = total
                     bar.write(f"schedule fitted to the {budget:.0f} s budget: {total} steps")
             if budget and time.monotonic() - t0 > budget and done < total:
@@ -417,8 +420,9 @@ def train(config, workdir) -> dict:
         feed.close()
         mngr.wait_until_finished()
         writer.close()
-    checkpoint.export_params(eval_params(state), workdir / EXPORT, config)
-    return eval_params(state)
+    final = eval_params(state)
+    checkpoint.export_params(final, workdir / EXPORT, config)
+    return final
 
 
 def train_or_load(config, workdir):
