@@ -1,4 +1,4 @@
-"""Peak FLOP/s of the devices in use, the denominator of MFU.
+"""Peak FLOP/s of the devices in use (the denominator of MFU) and analytic FLOPs of a program.
 
 Accelerators use their datasheet's dense bf16 peak. CPUs have no datasheet figure worth trusting (the
 machine is shared and its clock varies), so the peak is measured in the same run: a jitted f32
@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 # Dense bf16 peak per chip, by `device_kind` prefix (vendor datasheets).
 _PEAK_BY_KIND = (
@@ -45,3 +46,38 @@ def peak_flops(devices=None, override: float = 0.0) -> tuple[float, str]:
         if kind.startswith(prefix):
             return flops * len(devices) * jax.process_count(), f"datasheet ({kind})"
     return 0.0, f"unknown device kind {kind!r}; set train.peak_flops"
+
+
+def program_flops(fn, *args) -> float:
+    """Analytic FLOPs (2 per multiply-add) of the matmuls and convolutions in `fn(*args)`'s traced
+    program: every `dot_general` and `conv_general_dilated`, inside nested jaxprs too (jit, remat,
+    custom derivatives; a scan counts `length` times). Elementwise work is not counted, so this is the
+    numerator of MFU for conv nets and transformers alike. XLA's own cost analysis is not used
+    because it under-counts on CPU (docs stack.md)."""
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+            total += 2.0 * out.size * _prod(lhs.shape[i] for i in contract)
+        elif name == "conv_general_dilated":
+            rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
+            out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            # each output element is a dot over the kernel's window × input features (per group)
+            total += 2.0 * out.size * rhs.size / rhs.shape[out_feature_dim]
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            total += times * _jaxpr_flops(sub)
+    return total
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p

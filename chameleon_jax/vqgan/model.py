@@ -158,10 +158,21 @@ def patch_encoder(p: Params, x: jax.Array) -> jax.Array:
     return conv(p["conv_out"], h)
 
 
+def conv_in_rgb(p: Params, x: jax.Array) -> jax.Array:
+    """The first conv, with the image's channels zero-padded to a multiple of 4 (the kernel's input
+    rows likewise), which is exact: XLA:CPU's convolution ran a 16×64²×3 -> 32 conv in 0.58 ms with 4
+    channels against 1.89 ms with 3 (2026-11-27); at 512 px the two are within noise."""
+    extra = -x.shape[-1] % 4
+    if not extra:
+        return conv(p, x)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    return conv({"kernel": jnp.pad(p["kernel"], ((0, 0), (0, 0), (0, extra), (0, 0))), "bias": p["bias"]}, x)
+
+
 def encoder(p: Params, x: jax.Array) -> jax.Array:
     if "patch_in" in p:
         return patch_encoder(p, x)
-    h = conv(p["conv_in"], x)
+    h = conv_in_rgb(p["conv_in"], x)
     levels = _n(p["down"])
     for i in range(levels):
         lvl = p["down"][str(i)]
