@@ -6,6 +6,7 @@ machine is shared and its clock varies), so the peak is measured in the same run
 """
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -64,7 +65,7 @@ def _jaxpr_flops(jaxpr) -> float:
         if name == "dot_general":
             (contract, _), _ = eqn.params["dimension_numbers"]
             lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
-            total += 2.0 * out.size * _prod(lhs.shape[i] for i in contract)
+            total += 2.0 * out.size * math.prod(lhs.shape[i] for i in contract)
         elif name == "conv_general_dilated":
             rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
             out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
@@ -75,9 +76,3 @@ def _jaxpr_flops(jaxpr) -> float:
             total += times * _jaxpr_flops(sub)
     return total
 
-
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
