@@ -22,11 +22,10 @@ import ml_collections
 import numpy as np
 
 from chameleon_jax.data import packing, records, shards
+from chameleon_jax.data.batch import Batch, to_global_batch  # noqa: F401  (to_global_batch: see the docstring)
 from chameleon_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
-
-BATCH_PARTITION = (("data", "fsdp"), None)  # the train step's input sharding: P(('data','fsdp'), None)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -220,7 +219,7 @@ class DataIterator(grain.DatasetIterator):
         if inner_state is not None:
             self._it.set_state(inner_state)
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         end = self._ends[self._stage]
         if end is not None and self._step >= end:
             log.info("data: step %d starts mixture stage %d", self._step, self._stage + 1)
@@ -275,12 +274,3 @@ def _with_shape(data_config, seq_len, batch_size) -> dict:
     if batch_size is not None:
         merged["global_batch_size"] = int(batch_size)
     return merged
-
-
-def to_global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
-    """Host-local numpy batch -> global jax.Arrays sharded P(('data','fsdp'), None) over `mesh`."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    sharding = NamedSharding(mesh, P(*BATCH_PARTITION))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

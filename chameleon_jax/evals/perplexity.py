@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from chameleon_jax import model as model_lib
+from chameleon_jax.data.batch import Batch, device_batch
 from chameleon_jax.model import sharding as shd
 from chameleon_jax.train import loss as loss_lib
 
@@ -33,10 +34,8 @@ def make_eval_step(graphdef, loss_cfg, mesh, params_shardings):
                    out_shardings=NamedSharding(mesh, P()))
 
 
-def evaluate(eval_step, params, batches: Iterable[dict], mesh, to_global=None) -> dict[str, float]:
+def evaluate(eval_step, params, batches: Iterable[Batch], mesh, to_global=None) -> dict[str, float]:
     """Runs `eval_step` over host-local numpy batches; returns per-modality loss/accuracy/perplexity."""
-    from chameleon_jax.train.runner import device_batch  # one place turns host batches global
-
     to_global = to_global or device_batch
     totals: dict[str, float] = {}
     n = 0
