@@ -30,7 +30,6 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=8, seq_len=4096, seed=0, log_every=50, eval_every=0,
         max_bad_steps=10, microbatches=1,
         peak_flops=0.0))  # MFU denominator for all devices; 0 = datasheet (TPU/GPU) or measured (CPU)
-    c.attention = ml_collections.ConfigDict(dict(kernel="dot_product", block_size=1))
     # Token source (train.batch_size / train.seq_len are the one source of truth for the shape):
     # kind "synthetic" (built-in, chameleon_jax.data.synthetic) or "tokens" (pretokenized shards,
     # chameleon_jax.data.pipeline.default_config() describes the fields).
@@ -71,12 +70,6 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
     if not 0 <= start <= stop <= m.vocab_size:
         errors.append(f"loss.image_ids={tuple(config.loss.image_ids)} must lie within the vocab "
                       f"(0..{m.vocab_size}).")
-    block = int(config.attention.get("block_size", 1))
-    if config.train.seq_len % block:
-        fix = max(block, config.train.seq_len // block * block)
-        errors.append(f"train.seq_len={config.train.seq_len} is not a multiple of the attention "
-                      f"kernel's block size (attention.block_size={block}); use a multiple of {block}, "
-                      f"e.g. --config.train.seq_len={fix}.")
     if num_devices is not None:
         try:
             data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
