@@ -170,13 +170,15 @@ def _load_images(doc: readers.Document, load_image: ImageLoader) -> list[np.ndar
 
 def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_images: ImageEncoder,
                      load_image: ImageLoader, seed: int = 0, seq_len: int = 0, encode_batch: int | None = None,
-                     pair_loss: str = "all", image_first_fraction: float = 0.5, progress=None) -> dict:
+                     pair_loss: str = "all", image_first_fraction: float = 0.5, progress=None,
+                     allow_paths_outside_input: bool = False) -> dict:
     """One work unit -> one finished shard (records + manifest entry); returns the entry.
 
     Images are encoded `encode_batch` at a time (default: the encoder's own `batch_size`, else 16).
     `pair_loss`: "all" trains every token of an image–text pair (pretraining, spec §3.2); "target" only
     the second modality given the first (`records.pair_target_mask`). `image_first_fraction` of the
-    pairs put the image first (chosen per document key by `records.image_first`).
+    pairs put the image first (chosen per document key by `records.image_first`). An image path that
+    resolves outside its input's folder is a skip unless `allow_paths_outside_input` (a trusted corpus).
     """
     if pair_loss not in ("all", "target"):
         raise ValueError(f"pair_loss={pair_loss!r}: use 'all' (every token) or 'target' (the second modality only)")
@@ -184,7 +186,7 @@ def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_
         raise ValueError(f"image_first_fraction={image_first_fraction}: pass a share in [0, 1]")
     encode_batch = encode_batch or getattr(encode_images, "batch_size", 16)
     b = _ShardBuilder(tokenizer, encode_images, tokenizer.vocab, seed, seq_len, pair_loss, image_first_fraction)
-    for item in readers.read(unit):
+    for item in readers.read(unit, allow_paths_outside_input=allow_paths_outside_input):
         if progress is not None:
             progress.update(1)
         if item.error is not None:
@@ -209,7 +211,7 @@ def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_
 def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncoder, load_image: ImageLoader,
         docs_per_shard: int = 1000, seed: int = 0, seq_len: int = 0, encode_batch: int | None = None,
         pair_loss: str = "all", image_first_fraction: float = 0.5, process_index: int = 0, process_count: int = 1,
-        show_progress: bool = True) -> dict:
+        show_progress: bool = True, allow_paths_outside_input: bool = False) -> dict:
     """Pretokenizes this host's share of the inputs into out_dir; returns the manifest so far."""
     from tqdm import tqdm
 
@@ -223,7 +225,8 @@ def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncod
         for u in todo:
             pretokenize_unit(u, out_dir, tokenizer=tokenizer, encode_images=encode_images, load_image=load_image,
                              seed=seed, seq_len=seq_len, encode_batch=encode_batch, pair_loss=pair_loss,
-                             image_first_fraction=image_first_fraction, progress=bar)
+                             image_first_fraction=image_first_fraction, progress=bar,
+                             allow_paths_outside_input=allow_paths_outside_input)
     manifest = shards.write_manifest(out_dir)
     log.info("%s: %d documents, tokens %s, %d skipped %s", out_dir, manifest["documents"], manifest["tokens"],
              len(manifest["skipped"]), manifest["skipped_by_reason"])
@@ -290,13 +293,16 @@ def main(argv):
     from chameleon_jax import cpu
     cpu.use_every_core(divides=(f.encode_batch,))  # encode batches are sharded over the cores
     encode, load, codes = vqgan_tools(f.vqgan_config, f.vqgan_checkpoint, f.encode_batch, f.seed)
+    if f.max_image_pixels >= 0:  # else vqgan.images.max_pixels_for(resolution)
+        import functools
+        load = functools.partial(load, max_pixels=f.max_image_pixels)
     tokenizer = text.load(f.tokenizer, image_codes=codes)
     pi = jax.process_index() if f.process_index < 0 else f.process_index
     pc = jax.process_count() if f.process_count < 0 else f.process_count
     m = run(f.input, f.out, tokenizer=tokenizer, encode_images=encode, load_image=load,
             docs_per_shard=f.docs_per_shard, seed=f.seed, seq_len=f.seq_len, encode_batch=f.encode_batch,
             pair_loss=f.pair_loss, image_first_fraction=f.image_first_fraction, process_index=pi,
-            process_count=pc)
+            process_count=pc, allow_paths_outside_input=f.allow_paths_outside_input)
     print(f"{f.out}: {m['documents']} documents in {m['shards']} shards; tokens {m['tokens']}; "
           f"skipped {m['skipped_by_reason'] or 'none'} (details in {f.out}/manifest.json)")
 
@@ -322,6 +328,11 @@ if __name__ == "__main__":
                       "on the second modality given the first (captioning / text-to-image)")
     flags.DEFINE_float("image_first_fraction", 0.5, "share of image–text pairs written image first (the rest "
                        "caption first)")
+    flags.DEFINE_bool("allow_paths_outside_input", False, "let image paths in a JSONL leave its folder (absolute, "
+                      "'..', symlinks out); only for a trusted corpus, otherwise they are skipped")
+    flags.DEFINE_integer("max_image_pixels", -1, "skip images that decode to more pixels than this (-1: "
+                         "64 x resolution^2, at least 16.8 MP; 0: only Pillow's 89 MP bomb guard); JPEGs are "
+                         "decoded reduced first, so this bounds PNG/WebP memory")
     flags.DEFINE_integer("seq_len", 0, "skip documents holding an image longer than this (0 = no check)")
     flags.DEFINE_integer("process_index", -1, "this host's index (default: jax.process_index())")
     flags.DEFINE_integer("process_count", -1, "number of hosts (default: jax.process_count())")

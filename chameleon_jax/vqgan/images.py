@@ -45,9 +45,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     rgba = np.asarray(img.convert("RGBA"))
     if not (rgba[..., 3] < 255).any():
         return img.convert("RGB")
-    alpha = rgba[..., 3:4] / 255.0
-    rgb = (1.0 - alpha) * 255.0 + alpha * rgba[..., :3]
-    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+    # The float64 blend costs 56 bytes per pixel in temporaries; a band of rows at a time bounds that
+    # at a few MB whatever the image size, with the same arithmetic (so the same bytes) per pixel.
+    rgb = np.empty(rgba.shape[:2] + (3,), np.uint8)
+    band = max(1, (1 << 18) // max(rgba.shape[1], 1))
+    for y in range(0, rgba.shape[0], band):
+        part = rgba[y:y + band]
+        alpha = part[..., 3:4] / 255.0
+        rgb[y:y + band] = ((1.0 - alpha) * 255.0 + alpha * part[..., :3]).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB")
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -69,22 +75,51 @@ def to_uint8(images) -> np.ndarray:
     return ((x + 1.0) / 2.0 * 255.0).astype(np.uint8)
 
 
-def open_image(ref: ImageRef) -> Image.Image:
-    """Opens and fully decodes a path, bytes or PIL image; raises BadImage naming the cause."""
+def max_pixels_for(size: int) -> int:
+    """The default decoded-pixel limit for images preprocessed to `size`: 64·size² (4096² at 512 px),
+    and never below 2**24 (16.8 MP).
+
+    An RGB image decodes to 3 bytes per pixel and preprocessing holds a few copies (mode conversion,
+    the resize input), so this keeps one image's working set near 0.2 GB where Pillow's own bomb
+    guard (89 MP) allows ~1 GB. Larger JPEGs are decoded reduced (`open_image`), so only formats
+    without reduced decoding (PNG, WebP, ...) ever meet the limit.
+    """
+    return max(64 * size * size, 1 << 24)
+
+
+def open_image(ref: ImageRef, *, size: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Opens and fully decodes a path, bytes or PIL image; raises BadImage naming the cause.
+
+    With `size` (the preprocessing target), a JPEG whose shorter side is at least 4·size is decoded
+    at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's draft mode), never below 2·size, so the
+    LANCZOS resize still works from at least twice the target. With `max_pixels`, an image that
+    would decode to more pixels than that is refused from its header, before any pixel is decoded.
+    """
     if isinstance(ref, Image.Image):
         return ref
+    name = "<bytes>" if isinstance(ref, (bytes, bytearray)) else str(ref)
     try:
         img = Image.open(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref)
+        if size and img.format == "JPEG":
+            img.draft(img.mode, (2 * size, 2 * size))
+        if max_pixels and img.width * img.height > max_pixels:
+            raise BadImage(f"{name}: {img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP decoded "
+                           f"exceeds the limit of {max_pixels / 1e6:.1f} MP for {size or '?'} px images; "
+                           "downscale it, or raise the limit (pretokenize --max_image_pixels)")
         img.load()  # decoding is lazy: truncation only shows here
         return img
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        name = "<bytes>" if isinstance(ref, (bytes, bytearray)) else str(ref)
+        if isinstance(e, BadImage):
+            raise
         raise BadImage(f"{name}: {type(e).__name__}: {e}") from e
 
 
-def load_image(ref: ImageRef, size: int = 512) -> np.ndarray:
-    """Path / bytes / PIL image -> float32 [size, size, 3] in [-1, 1]; raises BadImage."""
-    img = open_image(ref)
+def load_image(ref: ImageRef, size: int = 512, max_pixels: int | None = None) -> np.ndarray:
+    """Path / bytes / PIL image -> float32 [size, size, 3] in [-1, 1]; raises BadImage.
+
+    `max_pixels` defaults to `max_pixels_for(size)`; 0 turns the limit off (Pillow's bomb guard remains).
+    """
+    img = open_image(ref, size=size, max_pixels=max_pixels_for(size) if max_pixels is None else max_pixels)
     try:
         return preprocess(img, size)
     except (OSError, ValueError) as e:
