@@ -7,7 +7,8 @@ Each process gets `--coordinator_address 127.0.0.1:PORT --num_processes N --proc
 `JAX_NUM_CPU_DEVICES=<devices>` and `JAX_PLATFORMS=cpu`, and runs under `timeout`, because when one
 process of a jax.distributed job dies the others block in collectives for minutes. The first failure
 stops the rest. SIGTERM/SIGINT to the launcher is forwarded to every process (they save and exit).
-Output lines are prefixed with the process index.
+Output lines are prefixed with the process index. The launcher's exit status is the first failure's,
+shell-style (128+N for a process killed by signal N, 124 past --timeout), with a line naming it.
 """
 from __future__ import annotations
 
@@ -40,9 +41,22 @@ def _pump(stream, prefix: str, out):
         out.flush()
 
 
+def exit_status(returncode: int, timeout_s: int) -> tuple[int, str]:
+    """A process's exit as a shell-style status (128+N for signal N) and the words for it."""
+    if returncode < 0:  # `timeout` re-raises its child's fatal signal on itself
+        return 128 - returncode, f"was killed by {signal.Signals(-returncode).name} (status {128 - returncode})"
+    if returncode == 124:
+        return 124, f"ran past --timeout {timeout_s} s and was stopped (status 124)"
+    return returncode, f"exited with status {returncode}"
+
+
 def run(command: list[str], processes: int = 2, devices: int = 2, timeout_s: int = 600,
         port: int | None = None, env: dict | None = None) -> int:
-    """Starts the processes, waits for all of them; returns 0 or the first failing exit code."""
+    """Starts the processes, waits for all of them; returns 0 or the first failure's status.
+
+    The status follows the shell: a process killed by signal N gives 128+N (137 for SIGKILL), one
+    past the timeout 124, otherwise its own exit code; a line on stderr names the process and why.
+    """
     port = port or free_port()
     env = dict(env or os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -61,16 +75,24 @@ def run(command: list[str], processes: int = 2, devices: int = 2, timeout_s: int
     try:
         failed = 0
         while any(p.poll() is None for p in procs):
-            for p in procs:
+            for i, p in enumerate(procs):
                 if p.poll() not in (None, 0) and not failed:
-                    failed = p.returncode
-                    for q in procs:  # the survivors would hang in a collective
-                        if q.poll() is None:
-                            os.killpg(q.pid, signal.SIGKILL)
-            time.sleep(0.1)
+                    failed, how = exit_status(p.returncode, timeout_s)
+                    survivors = [j for j, q in enumerate(procs) if q.poll() is None]
+                    print(f"launch: process {i} {how}" + (f"; stopping process(es) {survivors}, which would "
+                          f"wait for it in collectives" if survivors else ""), file=sys.stderr, flush=True)
+                    for j in survivors:
+                        os.killpg(procs[j].pid, signal.SIGKILL)
+            time.sleep(0.05)
         for t in pumps:
             t.join(timeout=5)
-        return failed or next((p.returncode for p in procs if p.returncode), 0)
+        if not failed:
+            for i, p in enumerate(procs):  # all ended between two polls
+                if p.returncode:
+                    failed, how = exit_status(p.returncode, timeout_s)
+                    print(f"launch: process {i} {how}", file=sys.stderr, flush=True)
+                    break
+        return failed
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
