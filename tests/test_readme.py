@@ -285,33 +285,74 @@ def missing_config_fields(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # flags
 
+QUOTED = re.compile(r"""["']-{0,2}([a-zA-Z][\w-]*)["']""")
+INTERNAL_IMPORT = re.compile(r"^\s*(?:from\s+(chameleon_jax(?:\.\w+)*)\s+import|import\s+(chameleon_jax(?:\.\w+)*))", re.M)
+
+
+def _program_file(target: str) -> Path | None:
+    """The file that runs for `python -m chameleon_jax.x` or `python launch/x.py`."""
+    if target.endswith(".py"):
+        return ROOT / target if (ROOT / target).exists() else None
+    try:
+        spec = importlib.util.find_spec(target)
+        if spec and spec.submodule_search_locations is not None:
+            spec = importlib.util.find_spec(target + ".__main__")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin else None
+
+
 @lru_cache(maxsize=None)
-def defined_flag_names() -> frozenset:
-    names = set()
-    for folder in ("chameleon_jax", "launch", "benchmarks"):
-        for path in (ROOT / folder).rglob("*.py"):
-            for s in re.findall(r"""["']-{0,2}([a-zA-Z][\w-]*)["']""", path.read_text()):
-                names.add(s)
-    return frozenset(names)
+def program_flags(target: str) -> frozenset:
+    """Quoted names in the program's file and in the chameleon_jax modules it imports: its flag
+    definitions, wherever a program keeps them."""
+    main = _program_file(target)
+    if main is None:
+        return frozenset()
+    sources = [main.read_text()]
+    for a, b in INTERNAL_IMPORT.findall(sources[0]):
+        path = _program_file(a or b)
+        if path is not None:
+            sources.append(path.read_text())
+    return frozenset(n for src in sources for n in QUOTED.findall(src))
+
+
+def _flags_of(words: list[str]) -> list[str]:
+    return [FLAG.match(w).group(1) for w in words if FLAG.match(w) and not w.startswith("--config")]
+
+
+def _defined(name: str, known: frozenset) -> bool:
+    return any(n in known for n in (name, name.replace("-", "_"), name.replace("_", "-")))
 
 
 def undefined_flags(text: str) -> list[str]:
+    """Each command's flags against the program that reads them. `launch/x.py ... -- rest`: the flags
+    before `--` are the launcher's; the rest is a command of its own, or train flags (TPU VM, GKE)."""
     bad = []
-    known = defined_flag_names()
     for line in command_lines(text):
-        if not re.search(r"python3?\s+(-m\s+chameleon_jax|launch/|benchmarks/)", line):
-            continue
         try:
             words = shlex.split(line)
         except ValueError:
             words = line.split()
-        for word in words:
-            m = FLAG.match(word)
-            if not m or word.startswith("--config"):
-                continue
-            name = m.group(1)
-            if name not in known and name.replace("-", "_") not in known and name.replace("_", "-") not in known:
-                bad.append(f"--{name}")
+        while words:
+            cut = words.index("--") if "--" in words else len(words)
+            head, words = words[:cut], words[cut + 1:]
+            program = None
+            for i, w in enumerate(head):
+                if w == "-m" and i + 1 < len(head) and head[i + 1].startswith("chameleon_jax"):
+                    program, args = head[i + 1], head[i + 2:]
+                    break
+                if re.fullmatch(r"(launch|benchmarks)/\w+\.py", w):
+                    program, args = w, head[i + 1:]
+                    break
+            if program is None:
+                break
+            known = program_flags(program)
+            bad += [f"{program} --{n}" for n in _flags_of(args) if not _defined(n, known)]
+            if words and program.startswith("launch/") and not any(w == "-m" for w in words):
+                known = program_flags("chameleon_jax.train")
+                bad += [f"chameleon_jax.train --{n}" for n in _flags_of(words) if not _defined(n, known)]
+                break
     return sorted(set(bad))
 
 
@@ -430,7 +471,11 @@ def test_checker_catches_missing_config_fields():
 
 
 def test_checker_catches_undefined_flags():
-    assert undefined_flags(STALE) == ["--no_such_flag"]
+    assert undefined_flags(STALE) == ["chameleon_jax.train --no_such_flag"]
+    launcher = "```\npython launch/local.py --processes 2 --no_such_option -- python -m chameleon_jax.eval --workdir x --nope\n```"
+    assert undefined_flags(launcher) == ["chameleon_jax.eval --nope", "launch/local.py --no_such_option"]
+    pod = "```\npython launch/gke.py --name x --image y -- --config experiments/tiny.py --workdir w --bad_train_flag\n```"
+    assert undefined_flags(pod) == ["chameleon_jax.train --bad_train_flag"]
 
 
 def test_checker_catches_broken_links(tmp_path):
