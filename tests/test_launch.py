@@ -1,6 +1,8 @@
 """Launchers: the exact commands and manifests their --dry-run prints."""
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -57,6 +59,53 @@ def test_tpu_vm_dry_run_creates_installs_runs_on_all_workers_collects_and_delete
     assert cmds[-1][4:6] == ["delete", "cham"] and "--quiet" in cmds[-1]
 
 
+def test_tpu_vm_remote_script_fails_when_training_fails(tmp_path):
+    # The exact script every worker runs, with a training command that crashes after some output.
+    crash = [sys.executable, "-c", "import sys; print('step 1 loss=nan... crash'); sys.exit(7)"]
+    log = tmp_path / "train.log"
+    script = tpu_vm.remote_train_script(crash, {"PYTHONUNBUFFERED": "1"}, remote_dir=str(tmp_path), log=str(log))
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 7, done.stderr  # not tee's 0
+    assert "crash" in log.read_text() and "crash" in done.stdout  # the log still gets the output
+    # The same pipe without pipefail reports success: the bug this guards against.
+    assert subprocess.run(["bash", "-c", script.replace("set -o pipefail; ", "")],
+                          capture_output=True, timeout=60).returncode == 0
+
+
+def test_tpu_vm_launcher_stops_at_and_returns_the_first_failure(tmp_path):
+    after = tmp_path / "after"
+    rc = tpu_vm.run_in_order([["true"], ["bash", "-c", "exit 5"], ["touch", str(after)]])
+    assert rc == 5 and not after.exists()
+    # Cleanup steps run regardless, and still report the failure.
+    rc = tpu_vm.run_in_order([["bash", "-c", "exit 4"], ["touch", str(after)]], stop_on_failure=False)
+    assert rc == 4 and after.exists()
+
+
+def test_tpu_vm_restart_policy():
+    decide = tpu_vm.after_failure
+    assert decide(0, "", 0, 3) == "done"
+    assert decide(1, "READY\n", 0, 3) == "rerun"          # a crashed host: rerun on the same slice
+    assert decide(137, "PREEMPTED\n", 1, 3) == "recreate"  # the slice is gone: create it again
+    assert decide(1, "READY", 3, 3) == "give_up"           # restarts used up
+    assert decide(tpu_vm.NON_FINITE_EXIT, "READY", 0, 3) == "give_up"  # would diverge again
+
+
+def test_tpu_vm_mounts_the_data_bucket_sets_the_environment_and_needs_a_bucket_workdir():
+    cmds = [shlex.split(l) for l in dry_run("tpu_vm.py", "--name", "c", "--zone", "z", "--accelerator", "v5p-64",
+                                            "--data-bucket", "bkt/tokens", "--env", "XLA_FLAGS=--x", "--dry-run",
+                                            "--", *TRAIN).splitlines()]
+    remote = [c[c.index("--command") + 1] for c in cmds if "--command" in c]
+    mount = next(r for r in remote if "gcsfuse" in r)
+    assert "--implicit-dirs -o ro --only-dir tokens bkt /mnt/data" in mount
+    train = next(r for r in remote if "chameleon_jax.train" in r)
+    assert "set -o pipefail;" in train and "export JAX_COMPILATION_CACHE_DIR=gs://bucket/run/jax_cache;" in train
+    assert "export XLA_FLAGS=--x;" in train
+    assert remote.index(mount) < remote.index(train)
+    bad = subprocess.run([sys.executable, str(REPO / "launch/tpu_vm.py"), "--name", "c", "--zone", "z", "--dry-run",
+                          "--", "--config", "x.py", "--workdir", "/tmp/run"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "gs://BUCKET/run" in bad.stderr
+
+
 def test_tpu_vm_reuse_and_keep_skip_create_and_delete():
     cmds = [shlex.split(l) for l in dry_run("tpu_vm.py", "--name", "c", "--zone", "z", "--accelerator", "v6e-8",
                                             "--reuse", "--keep", "--dry-run", "--", *TRAIN).splitlines()]
@@ -80,8 +129,72 @@ def test_gke_jobset_has_one_pod_per_host_with_the_train_command():
     assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
                                    "cloud.google.com/gke-tpu-topology": "2x4x4"}
     container = pod["containers"][0]
-    assert container["command"] == ["python3", "-m", "chameleon_jax.train", "--distributed", *TRAIN]
+    # The mesh is told how many slices it spans, so its DCN axis lies across them.
+    assert container["command"] == ["python3", "-m", "chameleon_jax.train", "--distributed", *TRAIN,
+                                    "--config.mesh.slices=2"]
     assert container["resources"]["limits"]["google.com/tpu"] == 4
+    assert pod["terminationGracePeriodSeconds"] >= 60  # room for the preemption checkpoint after SIGTERM
+
+
+# What JobSet writes on each pod it creates (the fields a manifest may read through the downward API),
+# and the DNS name it gives the pod: <jobset>-<replicated job>-<job index>-<pod index>.<subdomain>.
+def jobset_pod(manifest, job_index, pod_index):
+    rjob = manifest["spec"]["replicatedJobs"][0]
+    fields = {
+        "metadata.annotations['jobset.sigs.k8s.io/jobset-name']": manifest["metadata"]["name"],
+        "metadata.annotations['jobset.sigs.k8s.io/replicatedjob-name']": rjob["name"],
+        "metadata.labels['jobset.sigs.k8s.io/job-index']": str(job_index),
+        "metadata.labels['jobset.sigs.k8s.io/replicatedjob-replicas']": str(rjob["replicas"]),
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']": str(pod_index),
+    }
+    env = {}
+    for var in rjob["template"]["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "valueFrom" in var:
+            env[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:  # Kubernetes expands $(VAR) from the variables defined above it, and leaves others as they are
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+    subdomain = manifest["spec"]["network"]["subdomain"]
+    return f"{manifest['metadata']['name']}-{rjob['name']}-{job_index}-{pod_index}.{subdomain}", env
+
+
+def test_gke_multislice_pods_get_what_jax_distributed_reads(monkeypatch):
+    from jax._src.clusters import cloud_tpu_cluster as tpu_cluster
+
+    manifest = yaml.safe_load(dry_run("gke.py", "--name", "cham", "--image", "img:1", "--tpu", "v5p", "--topology",
+                                      "2x2x4", "--num-slices", "3", "--dry-run", "--", *TRAIN))
+    rjob = manifest["spec"]["replicatedJobs"][0]
+    hosts = rjob["template"]["spec"]["parallelism"]
+    assert (rjob["replicas"], hosts) == (3, 4)
+    by_process = {}
+    for s in range(3):
+        for i in range(hosts):
+            name, env = jobset_pod(manifest, s, i)
+            for key in [k for k in os.environ if k.startswith(("TPU_", "MEGASCALE_"))]:
+                monkeypatch.delenv(key)
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            cluster = tpu_cluster.GkeTpuCluster
+            workers = cluster._get_worker_list_in_slice()
+            assert workers[int(env["TPU_WORKER_ID"])] == name  # the slice's host list names this pod
+            assert cluster.get_process_count() == 3 * hosts
+            by_process[cluster.get_process_id()] = (name, env["MEGASCALE_COORDINATOR_ADDRESS"])
+    assert sorted(by_process) == list(range(3 * hosts))  # one process per pod, none twice
+    first_pod = by_process[0][0]
+    assert {coordinator for _, coordinator in by_process.values()} == {first_pod}  # everyone dials process 0
+    ports = {p["containerPort"] for p in rjob["template"]["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert int(env["MEGASCALE_PORT"]) in ports and int(tpu_cluster.coordinator_port) in ports
+
+
+def test_gke_data_bucket_is_a_read_only_gcsfuse_volume():
+    manifest = yaml.safe_load(dry_run("gke.py", "--name", "cham", "--image", "img:1", "--data-bucket", "bkt/tokens",
+                                      "--data-mount", "/data", "--dry-run", "--", *TRAIN))
+    template = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    assert template["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+    volume, = template["spec"]["volumes"]
+    assert volume["csi"]["driver"] == "gcsfuse.csi.storage.gke.io" and volume["csi"]["readOnly"]
+    assert volume["csi"]["volumeAttributes"] == {"bucketName": "bkt", "mountOptions": "implicit-dirs,only-dir=tokens"}
+    mount, = template["spec"]["containers"][0]["volumeMounts"]
+    assert mount == {"name": volume["name"], "mountPath": "/data", "readOnly": True}
 
 
 def test_gke_xpk_command():
@@ -89,5 +202,7 @@ def test_gke_xpk_command():
                               "4x4x4", "--xpk", "--cluster", "c1", "--dry-run", "--", *TRAIN))
     assert cmd[:3] == ["xpk", "workload", "create"]
     assert cmd[cmd.index("--tpu-type") + 1] == "v5p-128"
-    assert shlex.split(cmd[cmd.index("--command") + 1]) == ["python3", "-m", "chameleon_jax.train",
-                                                           "--distributed", *TRAIN]
+    command = cmd[cmd.index("--command") + 1]
+    assert command.endswith(shlex.join(["python3", "-m", "chameleon_jax.train", "--distributed", *TRAIN]))
+    assert "export JAX_COMPILATION_CACHE_DIR=gs://bucket/run/jax_cache;" in command
+    assert int(cmd[cmd.index("--termination-grace-period-seconds") + 1]) >= 60
