@@ -32,8 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
         peak_flops=0.0))  # MFU denominator for all devices; 0 = datasheet (TPU/GPU) or measured (CPU)
     # Token source (train.batch_size / train.seq_len are the one source of truth for the shape):
     # kind "synthetic" (built-in, chameleon_jax.data.synthetic) or "tokens" (pretokenized shards,
-    # chameleon_jax.data.pipeline.default_config() describes the fields).
-    c.data = ml_collections.ConfigDict(dict(kind="synthetic", seed=0), type_safe=False)
+    # chameleon_jax.data.pipeline.default_config() describes the fields). The tokens fields that a
+    # command line can set: train_shards / eval_shards, pretokenized directories as a comma list or
+    # globs (--config.data.kind=tokens --config.data.train_shards=/data/tok), and num_workers.
+    c.data = ml_collections.ConfigDict(dict(kind="synthetic", seed=0, train_shards="", eval_shards="",
+                                            num_workers=0), type_safe=False)
     # Held-out perplexity every train.eval_every steps over eval.steps batches; eval.data overrides
     # fields of config.data (synthetic: a different seed; tokens: held-out `sources`).
     c.eval = ml_collections.ConfigDict(dict(steps=4, data=ml_collections.ConfigDict(

@@ -13,7 +13,9 @@ Stages (paper §2.2: stage 1 = first 80% of training, stage 2 = the rest) each h
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
+import os
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +34,12 @@ def default_config() -> ml_collections.ConfigDict:
     """The `config.data` block of an experiment config; every field is described here."""
     c = ml_collections.ConfigDict()
     c.sources = {}  # name -> directory written by `python -m chameleon_jax.pretokenize --out DIR`
+    # The command-line way to name sources when `sources` is empty: pretokenized directories as a comma
+    # list and/or globs, e.g. --config.data.train_shards='/data/tok/web,/data/tok/pairs_*'. Each directory
+    # becomes a source named after it, all weighted equally. eval_shards: the held-out directories that
+    # perplexity evaluation reads (empty: train_shards, drawn with the eval seed).
+    c.train_shards = ""
+    c.eval_shards = ""
     # Mixtures, in order. `until` = fraction of total_steps where the stage ends (the last stage has none).
     # Weights are relative (normalised per stage); a source missing from a stage is not drawn in it.
     c.stages = [{"weights": {}, "until": None}]
@@ -57,18 +65,64 @@ def _get(obj, key, default=None):
     return getattr(obj, key, default)
 
 
-def validate(data_config, total_steps: int | None = None, process_count: int = 1) -> dict[str, shards.SourceInfo]:
-    """Checks the config and every source before anything runs; returns the source summaries."""
+def _shard_sources(spec: str) -> dict[str, str]:
+    """'DIR,DIR2,GLOB*' -> {name: directory}; a name is the directory's base name (made unique)."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in str(spec or "").split(",")):
+        if not part:
+            continue
+        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not matches:
+            raise FileNotFoundError(f"no pretokenized directory matches {part!r}; run `python -m "
+                                    "chameleon_jax.pretokenize --out DIR ...` first, or fix the pattern")
+        for path in matches:
+            name = os.path.basename(os.path.normpath(path)) or "source"
+            while name in out:
+                name += "_"
+            out[name] = path
+    return out
+
+
+def sources_of(data_config, split: str = "train") -> dict[str, str]:
+    """The named sources to read: `sources`, else `train_shards` (or, for split="eval", `eval_shards`
+    when given)."""
     sources = dict(_get(data_config, "sources") or {})
+    if sources:
+        return sources
+    spec = _get(data_config, "eval_shards") if split == "eval" else ""
+    return _shard_sources(spec or _get(data_config, "train_shards"))
+
+
+def check_vocab(infos: dict[str, shards.SourceInfo], vocab_size: int) -> None:
+    """Every token id of the sources must be a row of the model's embedding (else NaN from step 1)."""
+    for name, info in infos.items():
+        if info.vocab.size > vocab_size:
+            raise ValueError(
+                f"source {name!r} ({info.path}) was pretokenized with vocabulary {info.vocab.name!r} of "
+                f"{info.vocab.size:,} ids, but the model has model.vocab_size={vocab_size:,}; ids from "
+                f"{vocab_size:,} up would index past the embedding. Set --config.model.vocab_size={info.vocab.size} "
+                f"(or a larger multiple of the tensor axis), or pretokenize with the model's tokenizer")
+
+
+def validate(data_config, total_steps: int | None = None, process_count: int = 1, *,
+             vocab_size: int | None = None, split: str = "train") -> dict[str, shards.SourceInfo]:
+    """Checks the config and every source before anything runs; returns the source summaries.
+
+    `vocab_size` (the model's) makes a source with larger token ids an error here, before compiling.
+    """
+    sources = sources_of(data_config, split)
     if not sources:
-        raise ValueError("config.data.sources is empty; name at least one pretokenized directory, e.g. "
-                         "--config.data.sources='{\"shapes\": \"/data/shapes_tok\"}'")
+        raise ValueError("no token sources: pass pretokenized directories with "
+                         "--config.data.train_shards=/data/tok (a comma list or glob), or set "
+                         "config.data.sources={name: directory} in the experiment file")
     infos = {name: shards.read_source(path) for name, path in sources.items()}
     vocabs = {info.vocab for info in infos.values()}
     if len(vocabs) > 1:
         raise ValueError("sources were pretokenized with different vocabularies: "
                          + ", ".join(f"{n}: {i.vocab.name}" for n, i in infos.items())
                          + "; re-pretokenize them with the same tokenizer and VQ-GAN")
+    if vocab_size is not None:
+        check_vocab(infos, int(vocab_size))
     for name, info in infos.items():
         if info.documents < process_count:
             raise ValueError(f"source {name!r} has {info.documents} documents, fewer than the {process_count} hosts; "
@@ -78,7 +132,7 @@ def validate(data_config, total_steps: int | None = None, process_count: int = 1
         if info.max_image_block > seq_len:
             log.warning("source %r has image blocks of %d tokens > seq_len=%d: documents with such images are "
                         "skipped; raise seq_len to fit them", name, info.max_image_block, seq_len)
-    stages = _stages(data_config, total_steps)
+    stages = _stages(data_config, total_steps, split)
     for i, st in enumerate(stages):
         unknown = set(st.weights) - set(sources)
         if unknown:
@@ -94,9 +148,9 @@ def validate(data_config, total_steps: int | None = None, process_count: int = 1
     return infos
 
 
-def _stages(data_config, total_steps: int | None) -> list[_Stage]:
+def _stages(data_config, total_steps: int | None, split: str = "train") -> list[_Stage]:
     raw = list(_get(data_config, "stages") or [])
-    sources = dict(_get(data_config, "sources") or {})
+    sources = sources_of(data_config, split)
     if not raw or not _get(raw[0], "weights"):
         raw = [{"weights": {n: 1.0 for n in sources}, "until": None}] + raw[1:]
     out = []
@@ -246,21 +300,24 @@ class DataIterator(grain.DatasetIterator):
 
 def make_train_iterator(data_config, *, seq_len: int | None = None, batch_size: int | None = None,
                         total_steps: int | None = None, process_index: int | None = None,
-                        process_count: int | None = None) -> DataIterator:
+                        process_count: int | None = None, vocab_size: int | None = None,
+                        split: str = "train") -> DataIterator:
     """Validates the config and sources, then returns the host-local batch iterator.
 
     seq_len / batch_size (global rows per step), when given, override data_config.seq_len /
     data_config.global_batch_size, so a runner can keep train.seq_len / train.batch_size as the one
     source of truth. Batches are dicts of int32 numpy arrays [batch_size / process_count, seq_len]:
     tokens, segment_ids, positions, loss_mask (docs/CONVENTIONS.md). process_index/count default to JAX's.
+    vocab_size: the model's, checked against the sources' vocabulary. split: "eval" reads eval_shards
+    when the sources come from the *_shards fields.
     """
     data_config = _with_shape(data_config, seq_len, batch_size)
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    infos = validate(data_config, total_steps, process_count)
-    stages = _stages(data_config, total_steps)
+    infos = validate(data_config, total_steps, process_count, vocab_size=vocab_size, split=split)
+    stages = _stages(data_config, total_steps, split)
     datasets = [build_stage_dataset(data_config, infos, st, i, process_index, process_count)
                 for i, st in enumerate(stages)]
     return DataIterator(datasets, [st.end_step for st in stages], next(iter(infos.values())).vocab)
