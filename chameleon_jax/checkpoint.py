@@ -9,11 +9,17 @@ A run's checkpoints live in one directory, one sub-folder per step:
 Orbax writes each step into a temporary folder and renames it only once every process has finished,
 so a crash mid-write leaves the previous step as the latest complete one.
 
+A resumed run restores with `restore_latest_intact`: every process reads alone, then all agree through
+one all-gather, so a damaged newest step (a truncated or zeroed data file, a lost per-process JSON) makes
+every process fall back to the newest intact one, with the reason logged, instead of leaving some of
+them waiting in a barrier that the failed one never reaches.
+
 Restoring onto another topology (other device count, mesh or process count for `state`) works by
 restoring into abstract targets: `jax.ShapeDtypeStruct(shape, dtype, sharding=<current sharding>)`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,6 +28,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -85,6 +92,125 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(int(step), args=ocp.args.Composite(**items))
     return restored["state"]
+
+
+class CheckpointDamaged(RuntimeError):
+    """Checkpoints exist but none restores on every process; the run stops rather than start over."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int | None               # the step restored; None when the directory holds no checkpoint
+    state: Any = None              # restored into the abstract state's shardings
+    config: dict | None = None     # the config stored with it (when asked for)
+    skipped: list = dataclasses.field(default_factory=list)  # [(step, reason)] newer steps set aside
+
+
+def _reader(directory) -> ocp.CheckpointManager:
+    """A read-only manager over this process alone: its restores hold no cross-process barrier.
+
+    Orbax ends every restore with a barrier over all processes. If one process fails to read its part,
+    the others wait in that barrier (and the failing one in jax.distributed's shutdown barrier) until
+    timeouts of many minutes. Reading alone, then agreeing through one all-gather that every process
+    enters whatever happened, turns a damaged file into a decision instead of a hang.
+    """
+    me = jax.process_index()
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"restore-p{me}"))
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+_REASON_BYTES = 320
+
+
+def _gather_reasons(reason: str) -> list[str]:
+    """Every process's failure reason ("" = restored), in process order: one all-gather of a fixed-size
+    buffer that every process enters whatever happened to it, so all of them decide alike."""
+    if jax.process_count() == 1:
+        return [reason]
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(_REASON_BYTES, np.uint8)
+    raw = reason.encode()[:_REASON_BYTES]
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(-1, _REASON_BYTES)
+    return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in rows]
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost cause, which names the file and the fault (Orbax wraps it in a generic one)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, *,
+                          with_config: bool = True) -> Restored:
+    """The newest checkpoint that every process restores, falling back past damaged ones.
+
+    Every process tries the newest step on its own, then all of them agree through an all-gather:
+    either all restored it, or all move on to the next older step. A damaged step that was passed
+    over is logged with each failing process's reason and moved aside to `<dir>/damaged-<step>` (on
+    process 0, so the run can save that step number again); delete it once inspected. If checkpoints
+    exist but none restores, raises CheckpointDamaged naming each step and why: the run never
+    silently starts from scratch. `data_iterator` is repositioned in place to the restored step.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return Restored(step=None)
+    directory = Path(manager.directory)
+    reader = _reader(directory)
+    damaged: list[tuple[int, str]] = []
+    try:
+        for step in steps:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            if with_config:
+                items["config"] = ocp.args.JsonRestore()
+            restored, reason = None, ""
+            try:
+                restored = reader.restore(int(step), args=ocp.args.Composite(**items))
+            except Exception as e:  # Orbax, tensorstore and Grain raise many types for damaged files
+                reason = _root_cause(e)
+                log.debug("process %d cannot restore step %d", jax.process_index(), step, exc_info=True)
+            reasons = _gather_reasons(reason[:_REASON_BYTES - 8] or "")
+            if not any(reasons):
+                if damaged:
+                    _set_aside(manager, directory, [s for s, _ in damaged])
+                    log.warning("resumed from step %d, the newest intact checkpoint in %s; skipped damaged %s",
+                                step, directory, "; ".join(f"step {s} ({r})" for s, r in damaged))
+                return Restored(step=int(step), state=restored["state"],
+                                config=restored["config"] if with_config else None, skipped=damaged)
+            why = "; ".join(f"process {i}: {r}" for i, r in enumerate(reasons) if r)
+            log.error("checkpoint step %d (%s) cannot be restored: %s", step, directory / str(step), why)
+            damaged.append((int(step), why))
+    finally:
+        reader.close()
+    listing = "; ".join(f"step {s} ({r})" for s, r in damaged)
+    raise CheckpointDamaged(
+        f"no checkpoint in {directory} can be restored on every process: {listing}. Nothing was trained "
+        f"from scratch. Restore the files, or delete the damaged step folders to start over "
+        f"(rm -r {' '.join(str(directory / str(s)) for s, _ in damaged)}), or use a new --workdir.")
+
+
+def _set_aside(manager: ocp.CheckpointManager, directory: Path, steps: list[int]) -> None:
+    """Renames damaged step folders out of Orbax's sight (kept for inspection) and reloads the manager."""
+    if jax.process_index() == 0:
+        for step in steps:
+            target = directory / f"damaged-{step}"
+            n = 1
+            while target.exists():
+                target, n = directory / f"damaged-{step}.{n}", n + 1
+            (directory / str(step)).rename(target)
+            log.warning("moved damaged checkpoint step %d aside to %s; delete it once inspected", step, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("checkpoint: damaged steps set aside")
+    manager.reload()
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
