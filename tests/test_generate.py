@@ -12,6 +12,7 @@ from chameleon_jax import sampling
 from chameleon_jax import vocab as vocab_lib
 from chameleon_jax.generate import GenerationConfig, Generator, pad_prompts
 from chameleon_jax.sampling import SamplingParams
+from numerics import chain_tol, transformer_lengths
 
 VOCAB = vocab_lib.custom(text_pieces=41, image_codes=16)  # 64 ids: image 4..19, eoi 20, boi 21, eot 22
 IMAGE_SHAPE = (2, 3)
@@ -84,10 +85,16 @@ def test_cached_decoding_matches_full_recomputation():
     assert out.lengths.max() == 256 and out.lengths.sum() >= 500, out.lengths  # enough steps to matter
     rows = [p + list(out.row(i)) for i, p in enumerate(prompts)]
     full = _full_logits(params, rows)
+    # Both paths round differently (the cache attends over 16 + 256 slots, the recomputation over the
+    # packed rows): fp32 worst case along the model's contractions at that context, relative to the
+    # largest logit (~7): ~1.4e-3. Observed 7e-6 (AMD) and 1.06e-5 (Intel); a cache bug moves logits by O(1).
     for i, p in enumerate(prompts):
         n = out.lengths[i]
         want = full[i, len(p) - 1: len(p) - 1 + n]
-        np.testing.assert_allclose(out.logits[i, :n], want, atol=1e-5, rtol=0)
+        finite = np.isfinite(want)
+        tol = chain_tol(want[finite], transformer_lengths(CFG, context=tokens.shape[1] + 256))
+        np.testing.assert_array_equal(np.isfinite(out.logits[i, :n]), finite)  # the same ids forbidden
+        np.testing.assert_allclose(out.logits[i, :n][finite], want[finite], atol=tol, rtol=0)
     assert any(VOCAB.begin_image in r for r in rows)  # images were decoded through the cache too
 
 
@@ -240,7 +247,12 @@ def test_sharded_generation_matches_single_device():
     sharded_gen = Generator(graphdef, CFG, VOCAB, _config("two"), mesh=mesh, compiler_options=FAST_COMPILE)
     sharded = sharded_gen(sharded_params, prompts, seed=2)
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
-    np.testing.assert_allclose(sharded.logits, single.logits, atol=1e-5)
+    # FSDP/tensor splits reorder the contractions: the fp32 any-order bound along the model at this
+    # context (prompt slots + 256 new), relative to the largest logit.
+    finite = np.isfinite(single.logits)
+    np.testing.assert_array_equal(np.isfinite(sharded.logits), finite)
+    tol = chain_tol(single.logits[finite], transformer_lengths(CFG, context=single.logits.shape[1] + 16))
+    np.testing.assert_allclose(sharded.logits[finite], single.logits[finite], atol=tol, rtol=0)
 
 
 def test_segments_are_ordered_text_and_images():
@@ -286,7 +298,7 @@ def test_build_prompt_places_images_and_opens_an_image_answer():
     assert ids == [VOCAB.bos, 34, 32] + block + [34]
     assert build_prompt("draw", [], Tok(), VOCAB, "image") == [VOCAB.bos, 34, VOCAB.begin_image]
     assert build_prompt("x", [img], Tok(), VOCAB, "mixed")[:9] == [VOCAB.bos] + block  # images lead
-    with pytest.raises(SystemExit, match="placeholders"):
+    with pytest.raises(ValueError, match="placeholders"):
         build_prompt("<image> <image>", [img], Tok(), VOCAB, "text")
 
 

@@ -8,6 +8,7 @@ from chameleon_jax.model import sharding as shd
 from chameleon_jax.train import step as step_lib
 from chameleon_jax.config import base_config
 from chameleon_jax.train import optimizer
+from numerics import chain_tol, transformer_lengths
 
 
 def test_microbatched_step_matches_full_batch_step():
@@ -29,16 +30,29 @@ def test_microbatched_step_matches_full_batch_step():
     results = {}
     for micro in (1, 4):
         state, shardings = step_lib.init_sharded_state(cfg, tx, mesh, jax.random.PRNGKey(0))
+        initial = jax.device_get(state["params"])
         step = step_lib.jit_train_step(
             step_lib.make_train_step(graphdef, cfg, tx, loss_cfg, microbatches=micro), mesh, shardings)
         with jax.set_mesh(mesh):
             state, metrics = step(state, jax.device_put(batch, shd.batch_sharding(mesh)))
         results[micro] = (jax.device_get(state["params"]), jax.device_get(metrics))
     (p1, m1), (p4, m4) = results[1], results[4]
-    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    # Four microbatch sums reorder the loss's and the gradients' token sums: the forward's any-order
+    # bound (the model's path at 16 positions, logsumexp over 128 ids, the token mean); the gradient
+    # norm adds the backward (twice that path, the token sum) and the sum of n_params squares.
+    tokens = int(batch["loss_mask"].sum())
+    fwd = transformer_lengths(cfg, context=16) + [cfg.vocab_size, tokens]
+    n_params = sum(x.size for x in jax.tree.leaves(p1))
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=0, atol=chain_tol(m1["loss"], fwd))
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=0,
+                               atol=chain_tol(m1["grad_norm"], 2 * fwd + [tokens, n_params]))
     assert m4["tokens"] == m1["tokens"]
-    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
-        # Adam normalises each coordinate, so near-zero gradients amplify rounding; a weighting bug
-        # would move most coordinates by ~lr (1e-2).
-        np.testing.assert_allclose(a, b, atol=2e-5)
+    # Adam normalises each coordinate, so rounding is amplified only where a gradient is within
+    # rounding of 0: those few coordinates may move by up to ~lr, the rest agree to rounding. A
+    # weighting bug changes the update's direction on most coordinates: a drift of the update's size.
+    flat = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]).astype(np.float64)
+    update = np.linalg.norm(flat(p1) - flat(initial))
+    drift = np.linalg.norm(flat(p4) - flat(p1))
+    assert drift < 1e-2 * update, (drift, update)
+    moved = np.abs(flat(p4) - flat(p1)) > 1e-3 * opt.peak_lr  # coordinates past rounding
+    assert moved.mean() < 0.01, moved.mean()
