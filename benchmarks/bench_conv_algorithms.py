@@ -1,6 +1,6 @@
 """Direct convolution vs Winograd F(4×4, 3×3), per 3×3 stride-1 layer of the VQ-GAN encoder, on XLA:CPU.
 
-Why this exists: the VQ encode target of issue 3 (≥ 2× HF) is above what direct convolution can reach on
+Why this exists: the VQ encode target (≥ 2× HF) is above what direct convolution can reach on
 this machine (`bench_vqgan.py` prints that ceiling), so only an algorithm with fewer multiplies could meet
 it. Winograd F(4,3) does the 16 outputs of a 6×6 input tile with 36 products per channel pair instead of
 144: 4× fewer matmul FLOPs, paid for with input/output transforms that are pure memory traffic. This

@@ -30,7 +30,7 @@ def _image_tools():
 
     cfg = dict(resolution=64, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=2, z_channels=64, embed_dim=64,
                n_embed=1024)
-    encode, load, codes = pretokenize.vqgan_tools(cfg, None, encode_batch=16)
+    encode, load, codes = pretokenize.vqgan_tools(None, encode_batch=16, config=cfg)
     return encode, load, codes, "VQ-GAN 64px, ch 64, f=8, 1024 codes, random weights"
 
 

@@ -26,12 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 D, LAYERS, HEADS, VOCAB = 512, 8, 8, 16_384
 

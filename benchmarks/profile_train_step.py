@@ -1,6 +1,6 @@
 """Where the train-step benchmark's time goes: its pieces timed apart, in one process, interleaved.
 
-    .venv/bin/python benchmarks/profile_train_step.py [--rounds 4]
+    .venv/bin/python -m benchmarks.profile_train_step [--rounds 4]     # from the repository root
 
 Same model and batch as `bench_train_step.py`. Rows:
 - body forward / body grad: the 8 blocks alone (loss = sum of squares of their output);
@@ -14,21 +14,16 @@ hits every row alike) and reported as best / median. GFLOP/s use analytic FLOPs 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _matmul_rows(rng):
     """(name, fn, args, flops) for the step's dense matmuls at benchmark shapes, one per kind."""
     import jax.numpy as jnp
 
-    import bench_train_step as b
+    from benchmarks import bench_train_step as b
 
     ffn = b.model_config(False).ffn_dim
     tokens = 2048
@@ -60,7 +55,7 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    import bench_train_step as b
+    from benchmarks import bench_train_step as b
     from chameleon_jax import model as model_lib
     from chameleon_jax.train import loss as loss_lib
 

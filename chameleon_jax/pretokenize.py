@@ -1,7 +1,7 @@
 """Raw documents -> ArrayRecord token shards + manifest, in the unified vocabulary.
 
     python -m chameleon_jax.pretokenize --input data/pairs.jsonl,data/folder,data/shards/ --out /data/tok \
-        --tokenizer spm.model --vqgan_config experiments/vqgan_shapes.py --vqgan_checkpoint /ckpt/vqgan
+        --tokenizer spm.model --vqgan runs/vqgan
 
 Images are preprocessed like the official pipeline (chameleon_jax.vqgan), encoded by the VQ-GAN in
 jitted fixed-size batches, and text by the tokenizer. Each work unit becomes one shard; a shard whose
@@ -233,66 +233,45 @@ def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncod
     return manifest
 
 
-def vqgan_tools(config, checkpoint: str | None, encode_batch: int, seed: int = 0):
-    """(encode_images, load_image, codebook size) from a VQ-GAN config and its Orbax params checkpoint."""
+def vqgan_tools(vqgan: str | None, encode_batch: int, *, config=None, seed: int = 0):
+    """(encode_images, load_image, codebook size) of the trained VQ-GAN at `vqgan` (a run, its export or
+    the export's state/; `vqgan.checkpoint.load`), or of random weights of `config`'s architecture when
+    `vqgan` is None (smoke runs and benchmarks: the codes then carry no meaning)."""
     import functools
 
-    import jax
-
+    from chameleon_jax.vqgan import checkpoint as vq_checkpoint
     from chameleon_jax.vqgan import images as vq_images, model as vq_model
 
-    cfg = config if isinstance(config, vq_model.VQGANConfig) else vq_model.VQGANConfig.from_dict(
-        config.get("model", config) if hasattr(config, "get") else config)
-    if checkpoint:
-        import orbax.checkpoint as ocp
-
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"--vqgan_checkpoint {checkpoint} does not exist; point it at the params "
-                                    "directory of a trained VQ-GAN, or pass --vqgan_random_init for a smoke run")
-        params = ocp.StandardCheckpointer().restore(os.path.abspath(checkpoint))
-        params = params.get("params", params)
-    else:
+    if vqgan:
+        cfg, params = vq_checkpoint.load(vqgan, config)
+    elif config is not None:
         log.warning("VQ-GAN params are random: the codes carry no meaning (smoke runs and benchmarks only)")
-        params = random_params(vq_model.init, cfg, seed)
+        cfg = vq_checkpoint.model_config(config)
+        params = vq_checkpoint.random_params(cfg, seed)
+    else:
+        raise ValueError("no VQ-GAN: pass a trained one (--vqgan RUN), or a config for random weights "
+                         "(--vqgan_config FILE --vqgan_random_init)")
     return (batched_encoder(vq_model.encode, params, encode_batch),
             functools.partial(vq_images.load_image, size=cfg.resolution), cfg.n_embed)
-
-
-def random_params(init, cfg, seed: int = 0):
-    """Random weights of init's shapes (fan-in scaled; norm scales 1, biases 0), without running init.
-
-    Only for smoke runs, tests and benchmarks: it costs a trace instead of hundreds of eager ops.
-    """
-    import jax
-
-    shapes = jax.eval_shape(lambda k: init(k, cfg), jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path).lower()
-        if len(s.shape) >= 2:
-            return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
-        return (np.ones if any(k in name for k in ("scale", "gamma", "weight")) else np.zeros)(s.shape, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def main(argv):
     del argv
     import jax
-    from absl import flags
+    from absl import app, flags
 
     from chameleon_jax import text
 
     f = flags.FLAGS
-    if f.vqgan_config is None:
-        raise SystemExit("--vqgan_config is required (e.g. experiments/vqgan_shapes.py); it sizes the images "
-                         "and the image-code block")
-    if not f.vqgan_checkpoint and not f.vqgan_random_init:
-        raise SystemExit("pass --vqgan_checkpoint DIR (trained params), or --vqgan_random_init for a smoke run")
+    if bool(f.vqgan) == bool(f.vqgan_random_init):
+        raise app.UsageError("pass --vqgan RUN (a trained VQ-GAN run or its export), or --vqgan_random_init "
+                             "with --vqgan_config FILE for a smoke run")
+    if f.vqgan_random_init and f.vqgan_config is None:
+        raise app.UsageError("--vqgan_random_init needs --vqgan_config (e.g. experiments/vqgan_smoke.py): it "
+                             "sizes the images and the image-code block")
     from chameleon_jax import cpu
     cpu.use_every_core(divides=(f.encode_batch,))  # encode batches are sharded over the cores
-    encode, load, codes = vqgan_tools(f.vqgan_config, f.vqgan_checkpoint, f.encode_batch, f.seed)
+    encode, load, codes = vqgan_tools(f.vqgan, f.encode_batch, config=f.vqgan_config, seed=f.seed)
     if f.max_image_pixels >= 0:  # else vqgan.images.max_pixels_for(resolution)
         import functools
         load = functools.partial(load, max_pixels=f.max_image_pixels)
@@ -317,9 +296,11 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "output directory for shards and manifest.json")
     flags.DEFINE_string("tokenizer", None, "sentencepiece .model (from `python -m chameleon_jax.text train`) or "
                                            "the official text_tokenizer.json")
-    config_flags.DEFINE_config_file("vqgan_config", None, "VQ-GAN config file (its `model` block, or the fields "
-                                                          "of VQGANConfig)")
-    flags.DEFINE_string("vqgan_checkpoint", None, "Orbax directory with the VQ-GAN params")
+    flags.DEFINE_string("vqgan", None, "a finished VQ-GAN run (`python -m chameleon_jax.vqgan.train --workdir`), "
+                                       "its export, or the export's state/ folder")
+    flags.DEFINE_alias("vqgan_checkpoint", "vqgan")
+    config_flags.DEFINE_config_file("vqgan_config", None, "VQ-GAN experiment config: sizes random weights "
+                                    "(--vqgan_random_init), or an export without config.json")
     flags.DEFINE_bool("vqgan_random_init", False, "use randomly initialised VQ-GAN params (smoke runs only)")
     flags.DEFINE_integer("docs_per_shard", 1000, "input documents per output shard (the resume unit)")
     flags.DEFINE_integer("encode_batch", 16, "images per jitted VQ-GAN call")

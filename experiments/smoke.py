@@ -3,7 +3,7 @@
     python -m chameleon_jax.smoke --workdir runs/smoke                       # everything, from nothing
     python -m chameleon_jax.smoke --workdir runs/smoke --config experiments/smoke.py:quick --config.train.steps=50
 
-`model.vocab_size` and `loss.image_ids` are filled in by the driver from the trained tokenizer and the
+`model.vocab_size` and `loss.image_ids` are filled in by `chameleon_jax.smoke` from the trained tokenizer and the
 VQ-GAN's codebook; `data`/`eval.data` point at the pretokenized shards it writes. Variant `quick` is a
 minutes-long pipeline check (it will not reach the accuracy targets).
 """
@@ -18,10 +18,10 @@ def get_config(arg=None):
                    dropout=0.0, scan_layers=True)
     c.loss.image_ids = (4, 4)
     # 2e-3 scored 81-86% / 73-85% (captioning / text->image) in runs differing only in noise; 4e-3 70% / 50%;
-    # 1.2e-3 gave 92% / 87-88% over two model inits (README, Smoke experiment).
+    # 1.2e-3 gave 92% / 87-88% over two model inits (docs/results/smoke.md).
     c.optimizer.update(peak_lr=1.2e-3, warmup_steps=50, decay="cosine", final_lr_fraction=0.05, weight_decay=0.05)
     # 3,000 steps: at 2,000, later runs scored 81-83% captioning (two single-object scenes missed 4-5 times
-    # each); 2,500 gave 85% / 90%; 3,000 gave 94% / 92% and, with another init, 94% / 93% (README).
+    # each); 2,500 gave 85% / 90%; 3,000 gave 94% / 92% and, with another init, 94% / 93% (docs/results/smoke.md).
     c.train.update(steps=3000, batch_size=8, seq_len=256, log_every=25, eval_every=1000, seed=0)
     c.checkpoint.update(every=1000, keep=1, async_save=False)
     c.eval.steps = 4

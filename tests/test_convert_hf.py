@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from chameleon_jax import model as M  # noqa: E402
 from chameleon_jax.convert import load_converted  # noqa: E402
-from chameleon_jax.convert.__main__ import main as convert_main  # noqa: E402
+from chameleon_jax.convert import __main__ as convert_program  # noqa: E402
 from chameleon_jax.convert.hf import params_from_hf  # noqa: E402
 from chameleon_jax.text import image_token_name  # noqa: E402
 
@@ -27,6 +27,14 @@ VOCAB = 320
 IMAGE_IDS = (4, 4 + 64)  # tiny stand-in for Chameleon's 8192 image codes at ids 4..8195
 BOI, EOI = 70, 71
 TOL = 1e-4
+
+
+def convert_main(args: list[str]):
+    """`python -m chameleon_jax.convert ARGS`, in this process (its absl flags parsed afresh)."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    convert_program.main(flags.FLAGS(["convert", *args]))
 
 CONFIGS = {
     # 7B-style: MHA, pre-norm, one QK-norm group.

@@ -1,14 +1,15 @@
 """The smoke experiment's driver end to end at unit-test size: every stage runs, the report is written,
-and the same seed gives the same results (issue 6)."""
+and the same seed gives the same results."""
 import json
 
 import pytest
 
 from chameleon_jax import smoke
+from chameleon_jax.smoke import stages
 
 
 def _tiny_config():
-    c = smoke.load_config_file("experiments/smoke.py:quick")
+    c = stages.load_config_file("experiments/smoke.py:quick")
     c.train.update(steps=4, log_every=2, eval_every=4)
     c.checkpoint.every = 4
     c.eval.steps = 1
@@ -50,18 +51,18 @@ def test_changed_data_settings_rebuild_the_data_and_the_tokenizer(tmp_path):
     s = _tiny_config().smoke
     s.train_images = 2
     data = tmp_path / "data"
-    smoke.build_data(s, data)
-    tok = smoke.train_tokenizer(s, data, tmp_path / "tokenizer")
+    stages.build_data(s, data)
+    tok = stages.train_tokenizer(s, data, tmp_path / "tokenizer")
     lines = (data / "train.jsonl").read_text().splitlines()
     assert len(lines) == s.train_pairs + s.train_texts + s.train_images
     assert sum('"segments"' in line for line in lines) == s.train_images  # caption-less images
     made = (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns
 
-    smoke.train_tokenizer(s, data, tmp_path / "tokenizer")  # same settings: reused
+    stages.train_tokenizer(s, data, tmp_path / "tokenizer")  # same settings: reused
     assert (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns == made
 
     s.train_texts += 3  # a stale cache would silently train on the old documents
-    smoke.build_data(s, data)
+    stages.build_data(s, data)
     assert len((data / "train.jsonl").read_text().splitlines()) == len(lines) + 3
-    assert smoke.train_tokenizer(s, data, tmp_path / "tokenizer") == tok
+    assert stages.train_tokenizer(s, data, tmp_path / "tokenizer") == tok
     assert (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns != made

@@ -49,3 +49,15 @@ def test_another_architecture_does_not_load(run_dir):
     other = dataclasses.replace(vq_ckpt.model_config(config), n_embed=128)  # a larger codebook
     with pytest.raises(ValueError, match="shape"):
         vq_ckpt.load(run, other)
+
+
+def test_pretokenize_encodes_with_the_loaded_vqgan(run_dir):
+    from chameleon_jax import pretokenize
+    from chameleon_jax.vqgan import model as vq_model
+
+    run, config, params = run_dir
+    encode, load, n_codes = pretokenize.vqgan_tools(str(run), encode_batch=2)
+    cfg = vq_ckpt.model_config(config)
+    images = np.random.default_rng(0).uniform(-1, 1, (3, cfg.resolution, cfg.resolution, 3)).astype(np.float32)
+    np.testing.assert_array_equal(encode(images), np.asarray(jax.jit(vq_model.encode)(params, images)))
+    assert n_codes == cfg.n_embed

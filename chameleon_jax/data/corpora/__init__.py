@@ -59,24 +59,3 @@ def write_shapes(out_dir: str, count: int, split: str = "train", seed: int = 0) 
                                 "caption": shapes.caption(scene)}) + "\n")
             written += 1
     return path
-
-
-def main(argv):
-    from absl import flags
-
-    f = flags.FLAGS
-    if len(argv) < 2 or argv[1] not in ("shapes", "pydoc"):
-        raise SystemExit("usage: python -m chameleon_jax.data.corpora shapes|pydoc --out DIR [--count N]")
-    path = write_shapes(f.out, f.count, f.split, f.seed) if argv[1] == "shapes" else write_pydoc(f.out)
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("out", None, "output directory")
-    flags.DEFINE_integer("count", 2000, "shapes: number of scenes")
-    flags.DEFINE_string("split", "train", "shapes: which split's scenes to write")
-    flags.DEFINE_integer("seed", 0, "shapes: dataset seed")
-    flags.mark_flag_as_required("out")
-    app.run(main)

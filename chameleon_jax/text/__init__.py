@@ -186,27 +186,3 @@ def _strings(obj) -> Iterable[str]:
     elif isinstance(obj, list):
         for v in obj:
             yield from _strings(v)
-
-
-def main(argv):
-    from absl import flags
-
-    f = flags.FLAGS
-    if len(argv) < 2 or argv[1] != "train":
-        raise SystemExit("usage: python -m chameleon_jax.text train --input a.txt,b.jsonl|pydoc "
-                         "--model_prefix out/spm --vocab_size 4000")
-    path = train_sentencepiece(corpus_lines(f.input), f.model_prefix, f.vocab_size)
-    tok = SentencePieceText(path, f.image_codes)
-    print(f"wrote {path}: {tok.vocab.size - tok.vocab.text_start} text pieces; unified vocab "
-          f"{tok.vocab.name} of size {tok.vocab.size} with image_codes={f.image_codes}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_list("input", None, "text/JSONL files, or `pydoc`")
-    flags.DEFINE_string("model_prefix", None, "output prefix; writes PREFIX.model and PREFIX.vocab")
-    flags.DEFINE_integer("vocab_size", 4000, "sentencepiece vocabulary size (including the 7 reserved ids)")
-    flags.DEFINE_integer("image_codes", 1024, "VQ-GAN codebook size (only to report the unified vocab size)")
-    flags.mark_flags_as_required(["input", "model_prefix"])
-    app.run(main)

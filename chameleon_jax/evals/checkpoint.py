@@ -1,0 +1,66 @@
+"""Evaluating a checkpoint: params only, restored onto the devices at hand, perplexity per modality.
+
+    params, model_cfg, step_dir = restore_for_eval(path, config, mesh)
+    results, params = evaluate_checkpoint(path)     # {'text/perplexity': ..., 'checkpoint': ..., 'mesh': ...}
+
+`path` is a training workdir (its latest checkpoint), a step folder or a params export. The mesh is
+chosen here, not by the run that trained: params are restored into abstract targets that carry the
+current shardings, so a checkpoint written on 8 devices as (2,2,2) restores onto 1 device.
+"""
+from __future__ import annotations
+
+
+def restore_for_eval(path, config, mesh):
+    """(params on `mesh`, ModelConfig, step folder) from a workdir, step folder or export."""
+    import jax
+
+    from chameleon_jax import checkpoint as ckpt
+    from chameleon_jax import config as config_lib
+    from chameleon_jax import model as model_lib
+    from chameleon_jax.model import sharding as shd
+
+    model_cfg = config_lib.validate(config)
+    step_dir = ckpt.resolve_step_dir(path)
+    rules = shd.rules_from_config(config.get("sharding_rules"))
+    shardings = shd.named(mesh, model_lib.param_specs(model_cfg, rules))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.PRNGKey(0))),
+                            shardings)
+    return ckpt.restore_params(str(step_dir), abstract), model_cfg, step_dir
+
+
+def evaluate_checkpoint(path, config=None, mesh_sizes=(-1, 1, 1), split="eval") -> tuple[dict, object]:
+    """Perplexity per modality of the checkpoint at `path` on the current devices; (results, params).
+
+    `config` defaults to the one stored with the checkpoint; its held-out data is config.eval.data (over
+    config.data), or the training source with `split="train"`.
+    """
+    import jax
+
+    from chameleon_jax import checkpoint as ckpt
+    from chameleon_jax import model as model_lib
+    from chameleon_jax.evals import perplexity
+    from chameleon_jax.model import sharding as shd
+    from chameleon_jax.train import runner
+    from chameleon_jax.train.step import LossConfig
+
+    if split not in ("eval", "train"):
+        raise ValueError(f"split={split!r}; use 'eval' (config.eval.data) or 'train' (the training source)")
+    config = config if config is not None else ckpt.read_config(path)
+    config.mesh.update(dict(zip(shd.MESH_AXES, mesh_sizes)))
+    mesh = shd.make_mesh(config.mesh)
+    params, model_cfg, step_dir = restore_for_eval(path, config, mesh)
+    graphdef, _ = model_lib.abstract(model_cfg)
+    rules = shd.rules_from_config(config.get("sharding_rules"))
+    eval_step = perplexity.make_eval_step(graphdef, LossConfig.from_config(config.loss), mesh,
+                                          jax.tree.map(lambda x: x.sharding, params))
+    if split == "eval":
+        batches = runner.eval_batches(config)
+    else:
+        it = runner.make_data_iterator(config)
+        batches = (next(it) for _ in range(int(config.eval.steps)))
+    with shd.activation_rules(rules):
+        results = perplexity.evaluate(eval_step, params, batches, mesh)
+    results["checkpoint"] = str(step_dir)
+    results["mesh"] = dict(mesh.shape)
+    return results, params

@@ -1,0 +1,92 @@
+"""The smoke experiment from nothing to a report: the stages in order, each timed.
+
+    results = run(config, workdir)              # config: experiments/smoke.py's get_config()
+    print(summary(results, workdir))
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+from chameleon_jax.smoke import evaluate, report, stages
+
+log = logging.getLogger(__name__)
+
+
+def run(config, workdir, vqgan_workdir=None) -> dict:
+    """Runs (or resumes) every stage in `workdir`; returns the results also written to results.json.
+
+    `vqgan_workdir` is the VQ-GAN run to reuse or create (default WORKDIR/vqgan).
+    """
+    import jax
+
+    from chameleon_jax import model as model_lib
+    from chameleon_jax import text
+    from chameleon_jax.train import metrics as metrics_lib
+    from chameleon_jax.train import runner
+
+    config = copy.deepcopy(config)  # the stages complete it (vocabulary, token sources)
+    config.unlock()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    vq_dir = Path(vqgan_workdir) if vqgan_workdir else workdir / "vqgan"
+    s = config.smoke
+    stage_s = {}
+    t0 = time.monotonic()
+
+    def stage(name):
+        stage_s[name] = time.monotonic() - t0 - sum(stage_s.values())
+        log.info("stage %s done in %.0fs", name, stage_s[name])
+
+    data = workdir / "data"
+    stages.build_data(s, data)
+    stage("data")
+    tok_path = stages.train_tokenizer(s, data, workdir / "tokenizer")
+    stage("tokenizer")
+    vq_cfg, vq_params = stages.load_vqgan(s, vq_dir)
+    stage("vqgan")
+    tokenizer = text.load(tok_path, image_codes=vq_cfg.n_embed)
+    stages.pretokenize(s, data, workdir / "tokens", tok_path, vq_cfg, vq_params)
+    stage("pretokenize")
+
+    config = stages.train_config(config, tokenizer, workdir / "tokens")
+    # What `python -m chameleon_jax.generate --workdir WORKDIR/train` needs besides the checkpoint.
+    config.generate = {"tokenizer": tok_path, "vqgan": str(vq_dir)}
+    result = runner.train(config, workdir / "train")
+    stage("train")
+
+    model_cfg = model_lib.ModelConfig.from_config(config.model)
+    graphdef, _ = model_lib.abstract(model_cfg)
+    params = jax.device_get(result.state["params"])
+    gen = evaluate.evaluate_generation(s, graphdef, model_cfg, params, tokenizer, vq_cfg, vq_params, data)
+    metrics = metrics_lib.read_metrics(workdir / "train")
+    ppl = evaluate.heldout_perplexity(config, graphdef, model_cfg, result.state["params"])
+    stage("evaluate")
+
+    results = {
+        "seed": s.seed, "eval_scenes": s.eval_scenes,
+        "captioning": gen["captioning"], "text_to_image": gen["text_to_image"], "perplexity": ppl,
+        "model": f"d={model_cfg.d_model}, {model_cfg.n_layers} layers, vocab {model_cfg.vocab_size}, "
+                 f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params",
+        "train_steps": int(result.step), "tokens_per_step": config.train.batch_size * config.train.seq_len,
+        "stage_s": stage_s, "wall_s": time.monotonic() - t0,
+    }
+    report.write_report(workdir, results, gen["examples"], metrics, s.grid_examples)
+    stage("report")
+    # Written again so that the report's wall time includes the report stage itself.
+    results["stage_s"], results["wall_s"] = stage_s, time.monotonic() - t0
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_report(workdir, results, gen["examples"], metrics, s.grid_examples)
+    return results
+
+
+def summary(results: dict, workdir) -> str:
+    """The two lines a run prints: the headline scores, and where the report is."""
+    cap, t2i, ppl = results["captioning"], results["text_to_image"], results["perplexity"]
+    return (f"captioning exact {100 * cap['exact']:.1f}%  text-to-image exact {100 * t2i['exact']:.1f}%  "
+            f"perplexity text {ppl.get('text/perplexity', float('nan')):.3f} image "
+            f"{ppl.get('image/perplexity', float('nan')):.3f}  wall {results['wall_s'] / 60:.1f} min\n"
+            f"report: {Path(workdir) / 'report.md'}")

@@ -1,0 +1,70 @@
+"""The import graph of chameleon_jax: layers flow one way, and only programs parse flags.
+
+grimp reads every import statement (function-level ones included) without importing anything.
+"""
+import re
+
+import grimp
+import pytest
+
+PACKAGE = "chameleon_jax"
+
+# Top-level modules that are programs (`python -m chameleon_jax.X`): flags, then library calls.
+# Every other program is a `__main__` module of a package.
+PROGRAM_MODULES = {"chameleon_jax.aot", "chameleon_jax.eval", "chameleon_jax.model_info",
+                   "chameleon_jax.pretokenize"}
+
+# Imports that define or parse command-line flags.
+FLAG_IMPORTS = {
+    "argparse": re.compile(r"\bargparse\b"),
+    "absl": re.compile(r"from absl import .*\b(app|flags)\b|import absl\.(app|flags)\b"),
+    "ml_collections": re.compile(r"\bconfig_flags\b"),
+}
+
+# Grain's worker processes read an absl flag and fail while flags are unparsed; the pipeline marks
+# them parsed when it starts workers. It defines and reads no flag.
+ALLOWED = {("chameleon_jax.data.pipeline", "from absl import flags")}
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return grimp.build_graph(PACKAGE, include_external_packages=True)
+
+
+def _internal(graph):
+    return sorted(m for m in graph.modules if m == PACKAGE or m.startswith(PACKAGE + "."))
+
+
+def test_no_import_cycles(graph):
+    cycles = set()
+    for module in _internal(graph):
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported.startswith(PACKAGE) and graph.chain_exists(imported, module):
+                chain = graph.find_shortest_chain(importer=imported, imported=module)
+                cycles.add(" -> ".join((module, *chain)))
+    assert not cycles, "import cycles:\n" + "\n".join(sorted(cycles))
+
+
+def _is_program(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] == "__main__" or module in PROGRAM_MODULES
+
+
+def test_library_modules_do_not_parse_flags(graph):
+    offenders = []
+    for module in _internal(graph):
+        if _is_program(module):
+            continue
+        for external, pattern in FLAG_IMPORTS.items():
+            if external not in graph.modules or not graph.direct_import_exists(importer=module, imported=external):
+                continue
+            for detail in graph.get_import_details(importer=module, imported=external):
+                line = detail["line_contents"].strip()
+                if pattern.search(line) and (module, line) not in ALLOWED:
+                    offenders.append(f"{module}:{detail['line_number']}: {line}")
+    assert not offenders, ("library modules import flag parsing; move the program into a `__main__.py` "
+                           "(flags, then one library call):\n" + "\n".join(offenders))
+
+
+def test_program_modules_exist(graph):
+    # A renamed program must not leave a stale entry that would exempt a future library module.
+    assert PROGRAM_MODULES <= set(graph.modules)
