@@ -91,7 +91,7 @@ def run_case(name, hf_kwargs, size, batch, reps, decode=True):
 
 
 CASES = {
-    "chameleon": (dict(), 512, 2),  # HF defaults = Chameleon's tokenizer (spec §4.2)
+    "chameleon": (dict(), 512, 2),  # HF ChameleonVQVAEConfig defaults = Chameleon's tokenizer
     "smoke": (dict(base_channels=32, channel_multiplier=[1, 1, 2, 2], num_res_blocks=1, latent_channels=64,
                    embed_dim=8, num_embeddings=512, resolution=64), 64, 16),
 }

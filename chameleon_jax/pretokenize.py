@@ -175,7 +175,7 @@ def pretokenize_unit(unit: readers.WorkUnit, out_dir: str, *, tokenizer, encode_
     """One work unit -> one finished shard (records + manifest entry); returns the entry.
 
     Images are encoded `encode_batch` at a time (default: the encoder's own `batch_size`, else 16).
-    `pair_loss`: "all" trains every token of an image–text pair (pretraining, spec §3.2); "target" only
+    `pair_loss`: "all" trains every token of an image–text pair (pretraining, paper §2.2); "target" only
     the second modality given the first (`records.pair_target_mask`). `image_first_fraction` of the
     pairs put the image first (chosen per document key by `records.image_first`). An image path that
     resolves outside its input's folder is a skip unless `allow_paths_outside_input` (a trusted corpus).

@@ -1,4 +1,4 @@
-"""Turning logits into the next token: the modality grammar, guidance and the samplers (spec §6.2).
+"""Turning logits into the next token: the modality grammar, guidance and the samplers (as the official chameleon.py decoders).
 
 Everything here is a pure function of arrays, usable inside `jit` and inside the decoding loop.
 B rows, V vocab.
@@ -28,7 +28,7 @@ NEG_INF = -jnp.inf
 class SamplingParams:
     """One modality's sampler. temperature 0 means greedy (argmax); top_k 0 and top_p 1 mean off.
 
-    Official defaults (spec §6.3) are temperature 0.7, top_p 0.9, repetition_penalty 1.2 for text and
+    Official defaults (chameleon.py `Options`) are temperature 0.7, top_p 0.9, repetition_penalty 1.2 for text and
     temperature 0.7, top_p 0.9 for images; repetition penalty never applies to image codes.
     """
 
@@ -114,7 +114,7 @@ def advance(g: Grammar, state: ModalityState, token: jax.Array) -> ModalityState
 
 
 def guide(streams: jax.Array, text_scale, image_scale) -> jax.Array:
-    """Classifier-free guidance over stacked stream logits [G, B, V] (spec §6.2, InstructPix2Pix).
+    """Classifier-free guidance over stacked stream logits [G, B, V] (official chameleon.py; InstructPix2Pix, arXiv 2211.09800).
 
     G=3 (full, images-only, unconditional): u + s_img·(i − u) + s_txt·(f − i).
     G=2 (full, unconditional):              u + s_txt·(f − u).

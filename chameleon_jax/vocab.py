@@ -1,6 +1,6 @@
 """The unified vocabulary: one id space for text BPE, image codes and the specials.
 
-Layouts (chameleon-spec §4.7, §5):
+Layouts (the official tokenizer's ids; image tokens named IMGIMG<letters>Z):
 
     chameleon  <s>=0 <pad>=1 </s>=2 <unk>=3 | image codes 4..8195 (code+4) | <eoss> (end image)=8196,
                <racm3:break> (begin image)=8197 | text BPE over the rest of 65,536; end-of-turn=8710
@@ -106,7 +106,7 @@ def render(ids: Sequence[int], vocab: Vocab, decode_text: Callable[[list[int]], 
     """A token sequence -> ordered list of text segments (str) and images (int32 code grids [h, w]).
 
     Specials outside images are dropped. An image cut short (no end-image, e.g. a truncated sample) is
-    completed by repeating its first code, as the official streaming preview does (spec §4.6).
+    completed by repeating its first code, as the official streaming preview does.
     image_shape defaults to the square grid of the image's code count.
     """
     ids = np.asarray(ids, np.int64).reshape(-1)

@@ -49,7 +49,7 @@ def get_config(arg=None):
         caption_tokens=64,        # generation budget for a caption (held-out captions: at most 18 pieces)
         image_temperature=0.0,    # 0 = greedy image codes
         guidance="none",          # "none" | "two" | "three" (classifier-free guidance for images)
-        text_scale=3.0,           # guidance scales (spec §6.2 defaults)
+        text_scale=3.0,           # guidance scales (official inference defaults)
         image_scale=1.2,
         grid_examples=16,
     ))

@@ -99,7 +99,7 @@ def test_cached_decoding_matches_full_recomputation():
 
 
 def _check_grammar(tokens, budget, g: sampling.Grammar, mode=sampling.TEXT_MODE, codes_left=0):
-    """Walks one row's output and asserts the modality grammar of spec §6.2."""
+    """Walks one row's output and asserts the modality grammar of the official decoders."""
     v = g.vocab
     done = opened = False
     for i, t in enumerate(tokens):

@@ -1,4 +1,4 @@
-"""Generation: prefill, then KV-cached decoding in one jitted `lax.while_loop` (spec §6).
+"""Generation: prefill, then KV-cached decoding in one jitted `lax.while_loop` (as Chameleon's official inference).
 
     gen = Generator(graphdef, model_cfg, vocab, GenerationConfig(max_new_tokens=64), mesh=mesh)
     out = gen(params, prompts, seed=0)          # prompts: list of id lists, or [B, P] + segment ids
@@ -14,7 +14,7 @@ stream sees every generated token, but a stream *hides* (segment 0) the tokens i
 on: the images-only stream keeps only <s>, image codes and the image delimiters; the unconditional
 stream keeps only <s> and the image being drawn (a new begin-image hides everything else again).
 Hidden tokens are invisible to attention and take no position, so each stream equals a fresh run on
-its filtered context (spec §6.2: [<s>, <racm3:break>] + codes for the unconditional stream).
+its filtered context (the official chameleon.py: [<s>, <racm3:break>] + codes for the unconditional stream).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ GUIDANCE_STREAMS = {"none": 1, "two": 2, "three": 3}
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """What to generate. Image defaults follow the official inference options (spec §6.3)."""
+    """What to generate. Image defaults follow the official inference `Options` (chameleon.py)."""
 
     max_new_tokens: int
     text: SamplingParams = SamplingParams()
@@ -46,7 +46,7 @@ class GenerationConfig:
     image_output: bool = False           # may text mode open an image (mixed-modal output)?
     image_shape: tuple[int, int] = (32, 32)
     guidance: str = "none"               # "none" | "two" (full, uncond) | "three" (full, images-only, uncond)
-    text_scale: float = 3.0              # g_txt (spec §6.2)
+    text_scale: float = 3.0              # g_txt (official default)
     image_scale: float = 1.2             # g_img
     extra_stop_ids: tuple[int, ...] = ()  # stop on these as on </s> (e.g. end-of-turn)
     return_logits: bool = False          # also return the full stream's raw logits per step (tests)

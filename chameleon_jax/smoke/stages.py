@@ -82,7 +82,7 @@ def build_data(s, root: Path) -> dict:
         for i in range(s.train_texts):
             f.write(json.dumps({"id": f"text{i}", "text": shapes.caption(next(train))}) + "\n")
         # Images without a caption teach the unconditional stream that classifier-free guidance
-        # contrasts with (spec §6.2); as in Make-A-Scene/Chameleon-style CFG, a share of the data.
+        # contrasts with (official chameleon.py); as in Make-A-Scene/Chameleon-style CFG, a share of the data.
         for i in range(s.get("train_images", 0)):
             name = f"images/train_uncond_{i:06d}.png"
             shapes.render(next(train), s.image_size).save(root / name)

@@ -1,6 +1,6 @@
 """Text tokenizers that speak unified-vocabulary ids: our sentencepiece BPE, or the official Chameleon JSON.
 
-Train a BPE model (specials reserved, spec §5):
+Train a BPE model (the official special tokens reserved at their ids):
 
     python -m chameleon_jax.text train --input corpus.txt,docs.jsonl --model_prefix out/spm \
         --vocab_size 4000 [--image_codes 1024]
@@ -102,7 +102,7 @@ def image_token_name(code: int) -> str:
 
 
 def image_code_of_name(name: str) -> int | None:
-    """Official image-token name -> VQ code: `IMGIMG` + letters A..J as decimal digits + `Z` (spec §4.7)."""
+    """Official image-token name -> VQ code: `IMGIMG` + letters A..J as decimal digits + `Z` (official vocab.py)."""
     m = _IMAGE_NAME.match(name)
     if not m:
         return None
