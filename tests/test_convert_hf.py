@@ -22,11 +22,13 @@ from chameleon_jax.convert import load_converted  # noqa: E402
 from chameleon_jax.convert import __main__ as convert_program  # noqa: E402
 from chameleon_jax.convert.hf import params_from_hf  # noqa: E402
 from chameleon_jax.text import image_token_name  # noqa: E402
+from numerics import chain_tol, transformer_lengths  # noqa: E402
 
 VOCAB = 320
 IMAGE_IDS = (4, 4 + 64)  # tiny stand-in for Chameleon's 8192 image codes at ids 4..8195
 BOI, EOI = 70, 71
-TOL = 1e-4
+# Tolerance: the fp32 any-order bound along the model's path (tests/numerics.py), relative to the
+# largest logit; torch (oneDNN/MKL) and XLA order every sum differently.
 
 
 def convert_main(args: list[str]):
@@ -141,7 +143,8 @@ def test_logits_match_hf(converted):
     diff = np.abs(ours - ref).max()
     print(f"{name}: max |logits diff| = {diff:.2e} (logits std {ref.std():.2f})")
     assert ref.std() > 0.5  # logits carry signal, so the tolerance is meaningful
-    assert diff <= TOL, f"{name}: max |diff| {diff:.3g} > {TOL}"
+    tol = chain_tol(ref, transformer_lengths(cfg, context=24))
+    assert diff <= tol, f"{name}: max |diff| {diff:.3g} > {tol:.3g}"
 
     if cfg.qk_norm_groups > 1:
         # The groups matter: giving every head group 0's q/k-norm must break parity.
@@ -166,7 +169,8 @@ def test_packed_documents_match_hf_run_alone(converted):
         ref = _hf_logits(hf, doc[None])[0]
         diff = np.abs(ours[start:start + len(doc)] - ref).max()
         print(f"{name}: packed document at {start}: max |logits diff| vs HF alone = {diff:.2e}")
-        assert diff <= TOL, f"{name}: packed document at {start} differs from HF alone by {diff:.3g}"
+        tol = chain_tol(ref, transformer_lengths(cfg, context=tokens.shape[1]))
+        assert diff <= tol, f"{name}: packed document at {start} differs from HF alone by {diff:.3g} > {tol:.3g}"
         start += len(doc)
 
 
