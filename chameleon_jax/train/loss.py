@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-Batch = dict[str, jax.Array]
+from chameleon_jax.data.batch import Batch  # the batch format: int32 [B, L] tokens, segment_ids, ...
 
 
 def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
