@@ -9,10 +9,9 @@ import pytest
 
 PACKAGE = "chameleon_jax"
 
-# Top-level modules that are programs (`python -m chameleon_jax.X`): flags, then library calls.
-# Every other program is a `__main__` module of a package.
-PROGRAM_MODULES = {"chameleon_jax.aot", "chameleon_jax.eval", "chameleon_jax.model_info",
-                   "chameleon_jax.pretokenize"}
+# Top-level modules that are programs (`python -m chameleon_jax.X`) and define their flags under
+# `if __name__ == "__main__"`. Every other program is a `__main__` module of a package.
+PROGRAM_MODULES = {"chameleon_jax.aot", "chameleon_jax.eval", "chameleon_jax.pretokenize"}
 
 # Imports that define or parse command-line flags.
 FLAG_IMPORTS = {

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import numpy as np
-from absl import app, flags
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_flags
 
 from chameleon_jax.config import validate
 from chameleon_jax.model import flops
@@ -141,44 +138,3 @@ def format_report(info: dict) -> str:
         f"  total           {format_bytes(mem['total_bytes'])}",
     ]
     return "\n".join(lines)
-
-
-def main(argv):
-    del argv
-    config = _CONFIG.value
-    if _TOPOLOGY.value:
-        from chameleon_jax import aot  # sets libtpu's env before any backend starts
-        if not os.environ.get("JAX_PLATFORMS"):  # TPU devices are compile-only; the host runs nothing
-            jax.config.update("jax_platforms", "cpu")
-    num_devices = _NUM_DEVICES.value or (
-        topology_chips(_TOPOLOGY.value) if _TOPOLOGY.value else jax.device_count())
-    info = model_info(config, num_devices)
-    report = None
-    if _TOPOLOGY.value:
-        report, _ = aot.compile_train_step(config, _TOPOLOGY.value)
-        info["aot"] = report.as_dict()
-    if _JSON.value:
-        print(json.dumps(info))
-        return
-    print(format_report(info))
-    if report is not None:
-        print("\n".join(report.lines()))
-
-
-def _define_flags():
-    """Defined only when run as a program, so importing this module never clashes with other CLIs."""
-    global _CONFIG, _JSON, _TOPOLOGY, _NUM_DEVICES
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    _JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object.")
-    _TOPOLOGY = flags.DEFINE_string(
-        "topology", None, "TPU topology (e.g. v5p:4x4x4): size the mesh for it and compile the train "
-        "step ahead of time for it (needs the `tpu` extra).")
-    _NUM_DEVICES = flags.DEFINE_integer(
-        "num_devices", None, "Devices to size the mesh for; default: the topology's chips, else the "
-        "local device count.")
-
-
-if __name__ == "__main__":
-    _define_flags()
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
