@@ -53,7 +53,9 @@ def test_packing_loses_nothing_duplicates_nothing_and_keeps_images_whole():
     rng = np.random.default_rng(1)
     docs = [_doc(rng, 0, 100, rng.integers(0, 4), side=3) for _ in range(60)]  # some longer than seq_len
     L = 24
-    ds = grain.MapDataset.source([{"tokens": d, "loss_mask": np.ones_like(d)} for d in docs]).to_iter_dataset()
+    # Random loss masks (as SFT writes: 0 on prompts, 1 on answers) must travel with their tokens.
+    masks = [rng.integers(0, 2, len(d)).astype(np.int32) for d in docs]
+    ds = grain.MapDataset.source([{"tokens": d, "loss_mask": m} for d, m in zip(docs, masks)]).to_iter_dataset()
     ds = grain.experimental.FlatMapIterDataset(ds, packing.SplitLongDocuments(L, VOC))
     rows = list(packing.pack(ds, L, num_packing_bins=4, seed=0, pad_id=VOC.pad))
     pieces = []
@@ -65,18 +67,20 @@ def test_packing_loses_nothing_duplicates_nothing_and_keeps_images_whole():
             idx = np.flatnonzero(r["segment_ids"] == s)
             assert np.all(np.diff(idx) == 1)  # a segment is one contiguous run
             np.testing.assert_array_equal(r["positions"][idx], np.arange(len(idx)))
-            pieces.append(tuple(r["tokens"][idx]))
+            pieces.append(tuple(zip(r["tokens"][idx].tolist(), r["loss_mask"][idx].tolist())))
     # Every piece keeps each image whole: begin, exactly 9 codes, end.
     for p in pieces:
-        p = np.array(p)
+        p = np.array(p)[:, 0]
         for b in np.flatnonzero(p == VOC.begin_image):
             assert b + 10 < len(p) and p[b + 10] == VOC.end_image and VOC.is_image(p[b + 1:b + 10]).all()
         assert (p == VOC.begin_image).sum() == (p == VOC.end_image).sum()
     # Reassembling the pieces gives back exactly the documents: nothing lost, nothing duplicated.
     assert sum(map(len, pieces)) == sum(map(len, docs))
-    starts = sorted(p for p in pieces if p[0] == VOC.bos)
+    starts = sorted(p for p in pieces if p[0][0] == VOC.bos)
     assert len(starts) == len(docs)
-    expected = sorted(tuple(d[b:e]) for d in docs for b, e in packing.split_document(d, L, VOC))
+    # ...with each token's own loss mask.
+    expected = sorted(tuple(zip(d[b:e].tolist(), m[b:e].tolist()))
+                      for d, m in zip(docs, masks) for b, e in packing.split_document(d, L, VOC))
     assert sorted(pieces) == expected
 
 

@@ -230,3 +230,71 @@ def test_cli_pretokenizes_the_shapes_corpus_with_a_real_vqgan(tmp_path, tokenize
     for d in _all_records(tmp_path / "tok"):
         codes = d["tokens"][v.is_image(d["tokens"])]
         assert len(codes) == 64 and codes.min() >= v.image_start
+
+
+def _answer_mask(tokens, v):
+    """Independent reading of an SFT record: turns alternate user/assistant, each closed by <eot>; the
+    answer tokens are an assistant turn's content, the <eot> closing it, and a </s> right after one."""
+    mask, turn = np.zeros(len(tokens), np.int32), 0
+    for i, t in enumerate(tokens):
+        if t == v.bos:
+            continue
+        if t == v.eos:
+            mask[i] = turn % 2 == 0 and turn > 0  # after an even number of turns the last was an answer
+            continue
+        mask[i] = turn % 2 == 1
+        turn += t == v.end_turn
+    return mask
+
+
+def test_sft_conversations_train_on_answers_only_through_packing_and_the_train_step(tmp_path, tokenizer):
+    """Pretokenize conversations, pack them with plain text, and follow the masks into the train step."""
+    import jax
+
+    from chameleon_jax import model as model_lib
+    from chameleon_jax.config import base_config
+    from chameleon_jax.train import optimizer, step as step_lib
+
+    rng = np.random.default_rng(0)
+    words = ["red", "circle", "top", "left", "blue", "with", "statement", "square", "green"]
+    say = lambda n: " ".join(rng.choice(words, n))
+    answers, lines = [], []
+    for i in range(10):
+        turns = []
+        for _ in range(1 + i % 2):  # one or two exchanges
+            answers.append(say(rng.integers(1, 4)))
+            turns += [{"role": "user", "content": say(rng.integers(2, 6))}, {"role": "assistant", "content": answers[-1]}]
+        lines.append({"turns": turns})
+        lines.append({"text": say(8)})  # plain text between them: loss everywhere
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _run([str(tmp_path / "chat.jsonl")], tmp_path / "out", tokenizer, docs_per_shard=100)
+    v = tokenizer.vocab
+
+    c = pipeline.default_config()
+    c.kind, c.sources, c.seq_len, c.global_batch_size = "tokens", {"chat": str(tmp_path / "out")}, 128, 4
+    batch = next(pipeline.make_train_iterator(c, process_index=0, process_count=1))
+    conversations = 0
+    for r in range(4):
+        row = {k: x[r] for k, x in batch.items()}
+        for s in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
+            doc, mask = row["tokens"][row["segment_ids"] == s], row["loss_mask"][row["segment_ids"] == s]
+            assert doc[0] == v.bos and doc[-1] == v.eos, "a document was cut: raise seq_len"
+            if (doc == v.end_turn).any():
+                conversations += 1
+                np.testing.assert_array_equal(mask, _answer_mask(doc, v))
+                said = tokenizer.decode(doc[(mask == 1) & (doc != v.end_turn) & (doc != v.eos)])
+                assert said.split() and all(w in words for w in said.split())
+            else:
+                assert mask.all()  # (<s> is never a target: it has no predecessor in its document)
+    assert conversations >= 2 and 0 < batch["loss_mask"].sum() < (batch["segment_ids"] > 0).sum()
+
+    # The train step counts exactly the answer targets that have a predecessor in their document.
+    cfg = model_lib.ModelConfig(vocab_size=v.size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                                head_dim=8, ffn_dim=32)
+    tx = optimizer.make_optimizer(base_config().optimizer, 10)
+    graphdef, _ = model_lib.abstract(cfg)
+    state = step_lib.init_state(cfg, tx, jax.random.PRNGKey(0))
+    image_ids = (v.image_start, v.image_start + v.image_codes)
+    step = jax.jit(step_lib.make_train_step(graphdef, cfg, tx, step_lib.LossConfig(image_ids)))
+    _, metrics = step(state, jax.device_put(batch))
+    assert int(metrics["tokens"]) == int(batch["loss_mask"][batch["positions"] > 0].sum())
