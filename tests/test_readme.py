@@ -30,6 +30,8 @@ import importlib
 import importlib.util
 import re
 import shlex
+import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,9 +85,23 @@ def inline_spans(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # modules
 
+@contextmanager
+def _from_repository_root():
+    """`python -m benchmarks.x` run from the repository root finds the root's packages: so do we."""
+    added = str(ROOT) not in sys.path
+    if added:
+        sys.path.insert(0, str(ROOT))
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(str(ROOT))
+
+
 def module_exists(name: str) -> bool:
     try:
-        return importlib.util.find_spec(name) is not None
+        with _from_repository_root():
+            return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
 
@@ -93,7 +109,8 @@ def module_exists(name: str) -> bool:
 def runnable_module(name: str) -> bool:
     """What `python -m name` needs: a module, or a package with a __main__."""
     try:
-        spec = importlib.util.find_spec(name)
+        with _from_repository_root():
+            spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return False
     if spec is None:
@@ -286,7 +303,8 @@ def missing_config_fields(text: str) -> list[str]:
 # flags
 
 QUOTED = re.compile(r"""["']-{0,2}([a-zA-Z][\w-]*)["']""")
-INTERNAL_IMPORT = re.compile(r"^\s*(?:from\s+(chameleon_jax(?:\.\w+)*)\s+import|import\s+(chameleon_jax(?:\.\w+)*))", re.M)
+INTERNAL_IMPORT = re.compile(
+    r"^\s*(?:from\s+((?:chameleon_jax|benchmarks)(?:\.\w+)*)\s+import|import\s+((?:chameleon_jax|benchmarks)(?:\.\w+)*))", re.M)
 
 
 def _program_file(target: str) -> Path | None:
@@ -294,9 +312,10 @@ def _program_file(target: str) -> Path | None:
     if target.endswith(".py"):
         return ROOT / target if (ROOT / target).exists() else None
     try:
-        spec = importlib.util.find_spec(target)
-        if spec and spec.submodule_search_locations is not None:
-            spec = importlib.util.find_spec(target + ".__main__")
+        with _from_repository_root():
+            spec = importlib.util.find_spec(target)
+            if spec and spec.submodule_search_locations is not None:
+                spec = importlib.util.find_spec(target + ".__main__")
     except (ImportError, ValueError):
         return None
     return Path(spec.origin) if spec and spec.origin else None
@@ -339,7 +358,7 @@ def undefined_flags(text: str) -> list[str]:
             head, words = words[:cut], words[cut + 1:]
             program = None
             for i, w in enumerate(head):
-                if w == "-m" and i + 1 < len(head) and head[i + 1].startswith("chameleon_jax"):
+                if w == "-m" and i + 1 < len(head) and head[i + 1].startswith(("chameleon_jax", "benchmarks")):
                     program, args = head[i + 1], head[i + 2:]
                     break
                 if re.fullmatch(r"(launch|benchmarks)/\w+\.py", w):
