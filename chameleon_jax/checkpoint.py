@@ -6,8 +6,10 @@ A run's checkpoints live in one directory, one sub-folder per step:
     <dir>/<step>/data     the Grain iterator position, one JSON per process
     <dir>/<step>/config   the experiment config, JSON
 
-Orbax writes each step into a temporary folder and renames it only once every process has finished,
-so a crash mid-write leaves the previous step as the latest complete one.
+Orbax writes each step into a temporary folder and renames it only once every process has finished
+(on an object store such as gs://, which has no rename, it writes in place and marks the step complete
+with a `commit_success.txt` last), so a crash mid-write leaves the previous step as the latest complete
+one. `<dir>` may be local or a gs:// URL: paths are `etils.epath.Path`s throughout.
 
 A resumed run restores with `restore_latest_intact`: every process reads alone, then all agree through
 one all-gather, so a damaged newest step (a truncated or zeroed data file, a lost per-process JSON) makes
@@ -22,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -30,7 +31,10 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from chameleon_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def make_manager(directory, *, keep: int = 3, keep_every: int = 0, async_save: b
         preservation_policy=policies.AnyPreservationPolicy(keepers),
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
         cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(storage.resolve(directory), options=options)
 
 
 class _FrozenIterator(grain.DatasetIterator):
@@ -119,7 +123,7 @@ def _reader(directory) -> ocp.CheckpointManager:
         read_only=True, create=False, cleanup_tmp_directories=False,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"restore-p{me}"))
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(storage.resolve(directory), options=options)
 
 
 _REASON_BYTES = 320
@@ -160,7 +164,7 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_i
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         return Restored(step=None)
-    directory = Path(manager.directory)
+    directory = epath.Path(manager.directory)
     reader = _reader(directory)
     damaged: list[tuple[int, str]] = []
     try:
@@ -196,7 +200,7 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_i
         f"(rm -r {' '.join(str(directory / str(s)) for s, _ in damaged)}), or use a new --workdir.")
 
 
-def _set_aside(manager: ocp.CheckpointManager, directory: Path, steps: list[int]) -> None:
+def _set_aside(manager: ocp.CheckpointManager, directory: epath.Path, steps: list[int]) -> None:
     """Renames damaged step folders out of Orbax's sight (kept for inspection) and reloads the manager."""
     if jax.process_index() == 0:
         for step in steps:
@@ -217,9 +221,9 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
-def resolve_step_dir(path) -> Path:
+def resolve_step_dir(path) -> epath.Path:
     """A workdir, a checkpoints folder, a step folder or an export -> the folder holding `state`."""
-    path = Path(path)
+    path = epath.Path(path)
     if (path / "state").is_dir():
         return path
     for candidate in (path / "checkpoints", path):
@@ -242,14 +246,14 @@ def restore_params(path, abstract_params) -> Any:
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore((step_dir / "state").absolute(), args=args)
+        restored = checkpointer.restore(storage.resolve(step_dir / "state"), args=args)
     log.info("restored params from %s", step_dir)
     return restored["params"]
 
 
-def export_params(params, out_dir, config=None) -> Path:
+def export_params(params, out_dir, config=None) -> epath.Path:
     """Writes a params-only checkpoint (`OUT/state` = {params}, `OUT/config.json`) for eval/serving."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = storage.resolve(out_dir)  # a local folder or a gs:// prefix
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "state", args=ocp.args.PyTreeSave({"params": params}), force=True)
     if config is not None and jax.process_index() == 0:

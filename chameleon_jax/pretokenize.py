@@ -17,6 +17,7 @@ import os
 from typing import Callable
 
 import numpy as np
+from etils import epath
 
 from chameleon_jax import vocab as vocab_lib
 from chameleon_jax.data import readers, records, shards
@@ -215,7 +216,7 @@ def run(inputs: list[str], out_dir: str, *, tokenizer, encode_images: ImageEncod
     """Pretokenizes this host's share of the inputs into out_dir; returns the manifest so far."""
     from tqdm import tqdm
 
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # a local folder or a gs:// prefix
     units = readers.plan(inputs, docs_per_shard)[process_index::process_count]
     todo = [u for u in units if not shards.is_finished(os.path.join(out_dir, u.name))]
     if len(todo) < len(units):

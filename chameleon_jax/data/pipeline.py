@@ -13,7 +13,6 @@ Stages (paper §2.2: stage 1 = first 80% of training, stage 2 = the rest) each h
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 import zlib
@@ -71,7 +70,7 @@ def _shard_sources(spec: str) -> dict[str, str]:
     for part in (p.strip() for p in str(spec or "").split(",")):
         if not part:
             continue
-        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        matches = shards.match_sources(part)  # local or object-store (gs://) directories
         if not matches:
             raise FileNotFoundError(f"no pretokenized directory matches {part!r}; run `python -m "
                                     "chameleon_jax.pretokenize --out DIR ...` first, or fix the pattern")
@@ -207,7 +206,7 @@ class _EpochPermutation(grain.MapDataset):
 def _source_dataset(info: shards.SourceInfo, name: str, stage: int, seed: int, process_index: int,
                     process_count: int, read_threads: int = 0) -> grain.IterDataset:
     """This host's endless, shuffled stream of one source's documents."""
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(info.shards)))
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shards.readable_paths(info)))
     # One permutation over all hosts' data (hosts slice it below), new every epoch.
     shuffle_seed = _seed(seed, name, stage)
     ds = _EpochPermutation(ds, shuffle_seed) if len(ds) <= _PERMUTATION_LIMIT else ds.shuffle(seed=shuffle_seed)

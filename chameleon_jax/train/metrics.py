@@ -6,6 +6,10 @@
 
 On resume from step s, records after s (written by the interrupted run past its last checkpoint) are
 dropped from metrics.jsonl, so the file reads like one uninterrupted run.
+
+The workdir may be an object store (gs://), which has no append: there metrics.jsonl is rewritten whole
+at each write (it stays small: one line per logging window), and TensorBoard events are written to a
+local folder that is uploaded after each write (`storage.MirroredDir`).
 """
 from __future__ import annotations
 
@@ -14,21 +18,26 @@ import math
 import time
 from pathlib import Path
 
+from etils import epath
+
+from chameleon_jax import storage
+
 
 def read_metrics(workdir) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _drop_after(path: Path, step: int) -> None:
+def _drop_after(path: epath.Path, step: int) -> list[str]:
+    """Keeps the records up to `step` (rewriting the file whole); returns them, one line each."""
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+        return []
+    keep = [line + "\n" for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    storage.write_atomic(path, "".join(keep))
+    return keep
 
 
 class MetricsWriter:
@@ -36,16 +45,20 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
-        workdir = Path(workdir)
+        workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "metrics.jsonl"
-        _drop_after(self.path, resume_step)
-        self._file = self.path.open("a")
+        lines = _drop_after(self.path, resume_step)
+        # Locally, append; on an object store, keep every line here and rewrite the object at each write.
+        self._lines = None if not storage.is_remote(self.path) else lines
+        self._file = self.path.open("a") if self._lines is None else None
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            # tensorboardX's own gs:// writer is broken (no `buffer` attribute); it writes a local mirror.
+            self._tb_dir = storage.MirroredDir(workdir / "tensorboard", prefix="tensorboard-")
+            self._tb = SummaryWriter(self._tb_dir.local, purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -56,14 +69,21 @@ class MetricsWriter:
             record[k] = v if math.isfinite(v) else str(v)  # JSON has no NaN/Inf
             if self._tb is not None:
                 self._tb.add_scalar(k, v, int(step))
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._lines is None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        else:
+            self._lines.append(json.dumps(record) + "\n")
+            storage.write_atomic(self.path, "".join(self._lines))
         if self._tb is not None:
             self._tb.flush()
+            self._tb_dir.sync()
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb_dir.close()  # the last upload of the events
