@@ -20,6 +20,8 @@ What README.md is checked for (the rules a writer must follow):
   line is defined somewhere in the code (a quoted "flag" or "--flag" in a .py of those folders).
 - **Links.** Every relative link in README.md and docs/**/*.md resolves, anchors included (GitHub's
   heading slugs).
+The pages under docs/ are held to the same rules for modules, paths, config fields and flags (the Layout
+and length rules are the README's alone).
 
 The checker is a set of pure functions over text, so `test_checker_catches_*` below prove each rule
 can fail.
@@ -437,10 +439,21 @@ def test_readme_commands_use_only_defined_flags():
     assert undefined_flags(readme()) == []
 
 
-@pytest.mark.parametrize("doc", [README, *sorted((ROOT / "docs").rglob("*.md"))],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
+
+
+@pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(doc):
     assert broken_links(doc) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_name_only_things_that_exist(doc):
+    """The same rules for the pages under docs/ (their commands are copied as often as the README's)."""
+    text = doc.read_text()
+    assert {"modules": missing_modules(text), "paths": missing_paths(text),
+            "config fields": missing_config_fields(text), "flags": undefined_flags(text)} == {
+        "modules": [], "paths": [], "config fields": [], "flags": []}
 
 
 def test_readme_stays_a_front_door():
