@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import shlex
 import sys
@@ -173,11 +174,11 @@ def _placeholder(path: str) -> bool:
 
 @lru_cache(maxsize=None)
 def repository_file_names() -> frozenset:
-    skip = {".git", ".venv", "__pycache__", "chameleon_jax.egg-info", "node_modules"}
+    skip = {".git", ".venv", "__pycache__", "chameleon_jax.egg-info", "node_modules", "runs", "data"}
     names = set()
-    for path in ROOT.rglob("*"):
-        if not skip.intersection(path.relative_to(ROOT).parts):
-            names.add(path.name)
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip]
+        names.update(files)
     return frozenset(names)
 
 
