@@ -7,6 +7,13 @@ batch (ShapeDtypeStructs carrying their shardings), compile, and read the per-ch
 
   python -m chameleon_jax.aot --config experiments/chameleon_7b.py --topology v5p:4x4x4
   python -m chameleon_jax.aot --config experiments/tiny.py --topology v5e:2x2 --json
+  python -m chameleon_jax.aot --config experiments/tiny.py --topology v5e:2x2 \
+      --config.mesh.slices=2 --config.mesh.data=2 --config.mesh.tensor=2
+
+With mesh.slices > 1 the topology is one slice, repeated; the report then lists the transfers that
+cross slices over DCN, by the mesh axes they connect (read from the compiler's host-transfer table:
+XLA:TPU lowers every cross-slice collective to megascale send/recv pairs between "endpoints", which are
+device ids). With data across slices only the 'data' axis should appear there.
 
 libtpu logs warnings about TPU_ACCELERATOR_TYPE and worker hostnames on a machine without TPUs;
 they are harmless.
@@ -14,10 +21,13 @@ they are harmless.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
+import tempfile
 import time
+from pathlib import Path
 
 # Compiling for a topology never touches a TPU, so do not contend for libtpu's single-process lock
 # (/tmp/libtpu_lockfile) with other JAX processes on the machine.
@@ -25,6 +35,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from chameleon_jax import model as model_lib
 from chameleon_jax.config import validate
@@ -56,11 +67,12 @@ def chip_hbm_bytes(topology: str) -> int:
     return CHIP_HBM_BYTES[generation]
 
 
-def topology_devices(topology: str) -> list:
-    """Compile-only TPU devices for a topology name such as 'v5p:4x4x4' (needs libtpu)."""
+def topology_devices(topology: str, slices: int = 1) -> list:
+    """Compile-only TPU devices for `slices` slices of a topology such as 'v5p:4x4x4' (needs libtpu)."""
     from jax.experimental import topologies
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                 num_slices=slices).devices)
     except Exception as e:  # libtpu missing raises a plain RuntimeError from the plugin loader
         raise RuntimeError(
             f"Could not describe TPU topology {topology!r}: {e}\nInstall libtpu with "
@@ -90,6 +102,83 @@ def abstract_train_inputs(config, mesh):
     return step_fn, shardings, state, batch, rules
 
 
+# Bytes per element of the dtypes that cross DCN (xla_data.proto PrimitiveType names).
+_ELEMENT_BYTES = {"PRED": 1, "S8": 1, "U8": 1, "S16": 2, "U16": 2, "F16": 2, "BF16": 2, "S32": 4, "U32": 4,
+                  "F32": 4, "S64": 8, "U64": 8, "F64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class DcnTransfer:
+    """One cross-slice collective as the compiled program sends it: its device-to-host half."""
+    key: str                        # the collective it came from, e.g. "all-reduce.49_0"
+    kind: str                       # ALL_REDUCE, ALL_GATHER, ...
+    bytes: int                      # sent per device, per execution of the enclosing computation
+    groups: tuple[tuple[int, ...], ...]  # device ids that exchange this buffer over DCN
+
+
+def _blocks(text: str, name: str) -> list[str]:
+    """The bodies of the top-level `name { ... }` messages of a text-format protobuf."""
+    out, depth, start = [], 0, None
+    for m in re.finditer(r"(\w+) \{|\}", text):
+        if m.group(0) == "}":
+            depth -= 1
+            if depth == 0 and start is not None:
+                out.append(text[start:m.start()])
+                start = None
+        else:
+            if depth == 0 and m.group(1) == name:
+                start = m.end()
+            depth += 1
+    return out
+
+
+def dcn_transfers(dump_dir: str | os.PathLike) -> list[DcnTransfer]:
+    """The megascale sends in the `*host_transfers.txt` that XLA:TPU dumps beside a compiled module."""
+    files = sorted(Path(dump_dir).glob("*jit_step*host_transfers.txt"))
+    if not files:
+        raise FileNotFoundError(f"no *host_transfers.txt under {dump_dir}: was the step compiled (not loaded "
+                                f"from JAX_COMPILATION_CACHE_DIR) with xla_dump_to={dump_dir} for several slices?")
+    out = []
+    for block in _blocks(files[-1].read_text(), "host_transfers"):
+        if "MEGASCALE_SEND" not in block or "megascale_info" not in block:
+            continue
+        shape = _blocks(block, "shape")[0]
+        elements = 1
+        for d in re.findall(r"^\s*dimensions: (\d+)", shape.split("layout {")[0], re.M):
+            elements *= int(d)
+        dtype = re.search(r"element_type: (\w+)", shape)[1]
+        info = _blocks(block, "megascale_info")[0]
+        # Collectives list their groups as endpoints; point-to-point sends as a source and destinations.
+        groups = tuple(tuple(int(e) for e in re.findall(r"(?:endpoints|source|destinations): (\d+)", g))
+                       for g in _blocks(info, "endpoint_groups") + _blocks(info, "one_to_all_groups"))
+        out.append(DcnTransfer(key=re.search(r'key: "([^"]+)"', block)[1],
+                               kind=re.search(r"transfer_type: (\w+)", info)[1],
+                               bytes=elements * _ELEMENT_BYTES[dtype], groups=groups))
+    return out
+
+
+def axes_between(group, mesh) -> tuple[str, ...]:
+    """The mesh axes along which the devices of `group` (device ids) differ."""
+    position = {d.id: np.unravel_index(i, mesh.devices.shape) for i, d in enumerate(mesh.devices.flat)}
+    coords = np.array([position[i] for i in group])
+    return tuple(a for a, c in zip(mesh.axis_names, coords.T) if len(set(c)) > 1)
+
+
+def dcn_by_axes(transfers: list[DcnTransfer], mesh) -> dict[str, dict]:
+    """{"ALL_REDUCE over data": {"count", "bytes"}}: the cross-slice traffic by the axes it connects.
+
+    Counts are static: a transfer inside a loop body (scan over layers, microbatches) runs once per
+    iteration.
+    """
+    out: dict[str, dict] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+    for t in transfers:
+        axes = sorted({a for g in t.groups for a in axes_between(g, mesh)})
+        row = out[f"{t.kind} over {'+'.join(axes) or 'none'}"]
+        row["count"] += 1
+        row["bytes"] += t.bytes
+    return dict(out)
+
+
 @dataclasses.dataclass
 class AotReport:
     """Per-chip memory of the compiled train step (bytes), as XLA's buffer assignment sees it."""
@@ -107,6 +196,8 @@ class AotReport:
     code_bytes: int = 0       # the executable itself
     total_bytes: int = 0      # arguments + outputs − aliased + temporaries + code
     error: str = ""           # set when XLA refused to compile (e.g. out of HBM)
+    slices: int = 1
+    dcn: dict = dataclasses.field(default_factory=dict)  # dcn_by_axes of the compiled step
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,7 +205,8 @@ class AotReport:
     def lines(self) -> list[str]:
         g = lambda b: f"{format_bytes(b):>10}"
         mesh = "x".join(f"{k}={v}" for k, v in self.mesh.items())
-        out = [f"AOT train step for {self.topology} ({self.chips} × {self.device_kind}), mesh {mesh}, "
+        where = self.topology if self.slices == 1 else f"{self.slices} slices of {self.topology}"
+        out = [f"AOT train step for {where} ({self.chips} × {self.device_kind}), mesh {mesh}, "
                f"compiled in {self.compile_seconds:.1f} s"]
         if self.error:
             return out + [f"  compile failed: {self.error}",
@@ -126,33 +218,43 @@ class AotReport:
                 f"  code        {g(self.code_bytes)}",
                 f"  total       {g(self.total_bytes)}   of {g(self.hbm_bytes).strip()} HBM per chip "
                 f"({100 * self.total_bytes / self.hbm_bytes:.0f}%): {'fits' if self.fits else 'DOES NOT FIT'}"]
+        if self.slices > 1:
+            out.append("  cross-slice (DCN) transfers in the program, by the mesh axes they connect:")
+            out += [f"    {k:<28} {v['count']:>4} sends, {format_bytes(v['bytes']):>10} per device"
+                    for k, v in sorted(self.dcn.items())] or ["    none"]
         return out
 
 
 def compile_train_step(config, topology: str) -> tuple[AotReport, object]:
     """Compiles the real train step for `topology`; returns the report and the Compiled (or None)."""
     hbm = chip_hbm_bytes(topology)
-    devices = topology_devices(topology)
+    slices = int(config.mesh.get("slices", 1))
+    devices = topology_devices(topology, slices)
     mesh = shd.make_mesh(config.mesh, devices)
     step_fn, shardings, state, batch, rules = abstract_train_inputs(config, mesh)
     report = AotReport(topology=topology, device_kind=devices[0].device_kind, chips=len(devices),
-                       mesh=dict(mesh.shape), hbm_bytes=hbm, compile_seconds=0.0, fits=False)
+                       mesh=dict(mesh.shape), hbm_bytes=hbm, compile_seconds=0.0, fits=False, slices=slices)
     start = time.perf_counter()
-    try:
-        with jax.set_mesh(mesh), shd.activation_rules(rules):
-            jitted = step_lib.jit_train_step(step_fn, mesh, shardings)
-            compiled = jitted.lower(state, batch).compile()
-    except Exception as e:  # XLA:TPU refuses programs that cannot fit in HBM: report, don't crash
-        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-            raise
+    # Which devices talk over DCN is recorded only in XLA's dump files (the host-transfer table).
+    with tempfile.TemporaryDirectory(prefix="aot_dump_") as dump:
+        try:
+            with jax.set_mesh(mesh), shd.activation_rules(rules):
+                jitted = step_lib.jit_train_step(step_fn, mesh, shardings)
+                compiled = jitted.lower(state, batch).compile(
+                    compiler_options={"xla_dump_to": dump} if slices > 1 else None)
+        except Exception as e:  # XLA:TPU refuses programs that cannot fit in HBM: report, don't crash
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            report.compile_seconds = time.perf_counter() - start
+            report.error = str(e).strip().splitlines()[0][:500]
+            # "... HLO temporaries (511.25G) exceeds available HBM (95.73G)": keep the figure.
+            needed = re.search(r"temporaries \(([\d.]+)([GMK])\)", report.error)
+            if needed:
+                report.temp_bytes = int(float(needed[1]) * 1024 ** "KMG".index(needed[2]) * 1024)
+            return report, None
         report.compile_seconds = time.perf_counter() - start
-        report.error = str(e).strip().splitlines()[0][:500]
-        # "... HLO temporaries (511.25G) exceeds available HBM (95.73G)": keep the figure.
-        needed = re.search(r"temporaries \(([\d.]+)([GMK])\)", report.error)
-        if needed:
-            report.temp_bytes = int(float(needed[1]) * 1024 ** "KMG".index(needed[2]) * 1024)
-        return report, None
-    report.compile_seconds = time.perf_counter() - start
+        if slices > 1:
+            report.dcn = dcn_by_axes(dcn_transfers(dump), mesh)
     mem = compiled.memory_analysis()
     report.argument_bytes = int(mem.argument_size_in_bytes)
     report.output_bytes = int(mem.output_size_in_bytes)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import ml_collections
 
 from chameleon_jax.model.config import REMAT_POLICIES, ModelConfig
-from chameleon_jax.model.sharding import MESH_AXES, mesh_shape
+from chameleon_jax.model.sharding import MESH_AXES, mesh_shape, slice_layout
+from chameleon_jax.train.profiling import parse_steps as parse_profile_steps
 
 CHAMELEON_IMAGE_IDS = (4, 4 + 8192)  # image codes are ids 4..8195 (spec §4.7)
 
@@ -24,7 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         peak_lr=1e-4, warmup_steps=4000, decay="exponential", final_lr_fraction=0.01,
         b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, clip_norm=1.0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Global axis sizes (one may be -1: fill). slices > 1 joins TPU slices over DCN with dcn_axis across
+    # them (model.sharding.slice_layout); on CPU each process stands in for one slice.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, slices=1, dcn_axis="data"))
     c.sharding_rules = ml_collections.ConfigDict()  # overrides of model.sharding.DEFAULT_RULES
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=8, seq_len=4096, seed=0, log_every=50, eval_every=0,
@@ -44,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Orbax: save every `every` steps (a multiple of train.log_every), keep the latest `keep`, and every
     # `keep_every`-th step for good (0 = none); SIGTERM/SIGINT save at once and exit.
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_every=0, async_save=True))
+    # A jax.profiler trace of steps FIRST:END (END excluded, e.g. "10:13") into DIR/profile/; "" = none.
+    c.profile = ml_collections.ConfigDict(dict(steps=""))
     # Initialise params (only) from another run's checkpoint when the workdir has none (e.g. SFT).
     c.init = ml_collections.ConfigDict(dict(checkpoint=""))
     return c
@@ -76,6 +81,7 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
     if num_devices is not None:
         try:
             data, fsdp, tensor = mesh_shape(config.mesh, num_devices)
+            slice_layout(config.mesh, num_devices)
         except ValueError as e:
             errors.append(str(e))
         else:
@@ -94,6 +100,10 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
                 errors.append(f"train.batch_size={config.train.batch_size} is not divisible by "
                               f"microbatches×data×fsdp={micro}×{data}×{fsdp}; use a multiple of "
                               f"{micro * data * fsdp} or change train.microbatches.")
+    try:
+        parse_profile_steps(config.get("profile", {}).get("steps", ""))
+    except ValueError as e:
+        errors.append(str(e))
     if errors:
         raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
     return m

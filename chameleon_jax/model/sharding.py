@@ -5,6 +5,10 @@ onto the physical mesh ('data', 'fsdp', 'tensor'). Switching DP / FSDP / TP is a
 
 Logical names: batch, length, act_embed (activations' model dim), embed (weights' model dim),
 heads, kv_heads, head_dim, mlp, vocab, layers, norm, qk_groups.
+
+Multi-slice: `mesh.slices` > 1 splits one axis (`mesh.dcn_axis`, 'data' by default) across TPU slices,
+which talk over the data-centre network (DCN), and keeps the other axes inside each slice (ICI). The
+mesh sizes stay global: mesh.data=4 with mesh.slices=2 is 2 data shards per slice times 2 slices.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -61,11 +66,72 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def slice_layout(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(per-slice ICI shape, DCN shape) of the mesh, both ordered like MESH_AXES.
+
+    Only `mesh.dcn_axis` crosses slices: its global size is split into slices × per-slice size.
+    """
+    shape = mesh_shape(mesh_cfg, num_devices)
+    slices = int(mesh_cfg.get("slices", 1))
+    axis = mesh_cfg.get("dcn_axis", "data")
+    if slices < 1:
+        raise ValueError(f"mesh.slices={slices} must be >= 1 (the number of TPU slices joined over DCN).")
+    if axis not in MESH_AXES:
+        raise ValueError(f"mesh.dcn_axis={axis!r}; choose one of {MESH_AXES} ('data' keeps only the "
+                         f"gradient all-reduce on the slow network).")
+    i = MESH_AXES.index(axis)
+    if shape[i] % slices:
+        sizes = dict(zip(MESH_AXES, shape))
+        raise ValueError(
+            f"mesh {sizes} with mesh.slices={slices}: the {axis} axis ({shape[i]}) spans the slices, so it "
+            f"must be a multiple of {slices}; set --config.mesh.{axis}={slices} (or a multiple of it) and "
+            f"let another axis fill with -1.")
+    dcn = tuple(slices if j == i else 1 for j in range(len(MESH_AXES)))
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    return ici, dcn
+
+
+def _granules(devices, slices: int) -> bool:
+    """Whether processes stand in for slices (True) or the devices' slice_index is used (False).
+
+    TPU devices know their slice. CPU and GPU devices report slice 0 (or nothing), and there each process
+    acts as one slice, so a local 2-process run rehearses a 2-slice job. Raises if neither gives `slices`.
+    """
+    found = len({getattr(d, "slice_index", 0) for d in devices})
+    if found == slices:
+        return False
+    processes = len({d.process_index for d in devices})
+    if devices[0].platform != "tpu" and processes == slices:
+        return True
+    also = "" if devices[0].platform == "tpu" else f" and {processes} processes (which stand in for slices here)"
+    raise ValueError(f"mesh.slices={slices} but the {len(devices)} devices belong to {found} slices{also}; "
+                     f"set --config.mesh.slices={found if devices[0].platform == 'tpu' else processes}.")
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A ('data','fsdp','tensor') mesh with Auto axes, so GSPMD propagates shardings from the rules."""
+    """A ('data','fsdp','tensor') mesh with Auto axes, so GSPMD propagates shardings from the rules.
+
+    One slice: `jax.make_mesh`. Several: a hybrid ICI×DCN device mesh whose `mesh.dcn_axis` runs
+    across slices (jax.make_mesh refuses multi-slice devices).
+    """
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    ici, dcn = slice_layout(mesh_cfg, len(devices))
+    shape = tuple(a * b for a, b in zip(ici, dcn))
+    slices = math.prod(dcn)
+    if slices == 1:
+        if hasattr(devices[0], "slice_index") and len({d.slice_index for d in devices}) > 1:
+            found = len({d.slice_index for d in devices})
+            raise ValueError(f"the devices span {found} TPU slices; set --config.mesh.slices={found} "
+                             f"(and mesh.data to a multiple of it).")
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    by_process = _granules(devices, slices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def slice_of(device) -> int:
+    """The slice a device belongs to (its process where the platform has no slices)."""
+    return getattr(device, "slice_index", device.process_index)
 
 
 def rules_from_config(rules_cfg=None) -> tuple:
