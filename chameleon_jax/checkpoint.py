@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -106,7 +106,7 @@ class CheckpointDamaged(RuntimeError):
 class Restored:
     step: int | None               # the step restored; None when the directory holds no checkpoint
     state: Any = None              # restored into the abstract state's shardings
-    config: dict | None = None     # the config stored with it (when asked for)
+    config: dict | None = None     # the experiment config stored with it
     skipped: list = dataclasses.field(default_factory=list)  # [(step, reason)] newer steps set aside
 
 
@@ -151,7 +151,7 @@ def _root_cause(e: BaseException) -> str:
 
 
 def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, *,
-                          with_config: bool = True) -> Restored:
+                          check_config: Callable[[dict], None] | None = None) -> Restored:
     """The newest checkpoint that every process restores, falling back past damaged ones.
 
     Every process tries the newest step on its own, then all of them agree through an all-gather:
@@ -160,6 +160,9 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_i
     process 0, so the run can save that step number again); delete it once inspected. If checkpoints
     exist but none restores, raises CheckpointDamaged naming each step and why: the run never
     silently starts from scratch. `data_iterator` is repositioned in place to the restored step.
+
+    `check_config(saved_config)` runs before a step's state is read; what it raises (e.g. "this workdir
+    holds another model") propagates, identically on every process, since all read the same file.
     """
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
@@ -169,25 +172,30 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_i
     damaged: list[tuple[int, str]] = []
     try:
         for step in steps:
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            if with_config:
-                items["config"] = ocp.args.JsonRestore()
-            restored, reason = None, ""
+            restored, saved_config, reason = None, None, ""
             try:
-                restored = reader.restore(int(step), args=ocp.args.Composite(**items))
-            except Exception as e:  # Orbax, tensorstore and Grain raise many types for damaged files
+                saved_config = reader.restore(int(step), args=ocp.args.Composite(
+                    config=ocp.args.JsonRestore()))["config"]
+            except Exception as e:  # noqa: BLE001 -- any unreadable config is damage to report, not a crash
                 reason = _root_cause(e)
-                log.debug("process %d cannot restore step %d", jax.process_index(), step, exc_info=True)
-            reasons = _gather_reasons(reason[:_REASON_BYTES - 8] or "")
+            if not reason and check_config is not None:
+                check_config(saved_config)
+            if not reason:
+                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                if data_iterator is not None:
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                try:
+                    restored = reader.restore(int(step), args=ocp.args.Composite(**items))
+                except Exception as e:  # Orbax, tensorstore and Grain raise many types for damaged files
+                    reason = _root_cause(e)
+                    log.debug("process %d cannot restore step %d", jax.process_index(), step, exc_info=True)
+            reasons = _gather_reasons(reason[:_REASON_BYTES - 8])
             if not any(reasons):
                 if damaged:
                     _set_aside(manager, directory, [s for s, _ in damaged])
                     log.warning("resumed from step %d, the newest intact checkpoint in %s; skipped damaged %s",
                                 step, directory, "; ".join(f"step {s} ({r})" for s, r in damaged))
-                return Restored(step=int(step), state=restored["state"],
-                                config=restored["config"] if with_config else None, skipped=damaged)
+                return Restored(step=int(step), state=restored["state"], config=saved_config, skipped=damaged)
             why = "; ".join(f"process {i}: {r}" for i, r in enumerate(reasons) if r)
             log.error("checkpoint step %d (%s) cannot be restored: %s", step, directory / str(step), why)
             damaged.append((int(step), why))
