@@ -206,3 +206,24 @@ def test_gke_xpk_command():
     assert command.endswith(shlex.join(["python3", "-m", "chameleon_jax.train", "--distributed", *TRAIN]))
     assert "export JAX_COMPILATION_CACHE_DIR=gs://bucket/run/jax_cache;" in command
     assert int(cmd[cmd.index("--termination-grace-period-seconds") + 1]) >= 60
+
+
+def runbook_commands() -> list[list[str]]:
+    """The shell commands in docs/runbook-pod.md's bash blocks, continuation lines joined."""
+    text = (REPO / "docs" / "runbook-pod.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    return [shlex.split(cmd) for block in blocks for cmd in block.replace("\\\n", " ").splitlines() if cmd.strip()]
+
+
+def test_every_runbook_command_runs_in_dry_run():
+    cmds = runbook_commands()
+    actions = [c[2] for c in cmds]
+    assert actions == ["launch", "watch", "preempt", "launch", "delete"]  # create, watch, preempt, resume, delete
+    for c in cmds:
+        assert c[:2] == ["python", "launch/tpu_vm.py"], c
+        cut = c.index("--") if "--" in c else len(c)
+        printed = dry_run("tpu_vm.py", *c[2:cut], "--dry-run", *c[cut:])
+        assert printed.startswith("gcloud ") or printed.startswith("git "), printed
+    resume = [shlex.split(l) for l in dry_run("tpu_vm.py", *cmds[3][2:cmds[3].index("--")], "--dry-run",
+                                                *cmds[3][cmds[3].index("--"):]).splitlines()]
+    assert not any(c[4:5] == ["create"] for c in resume if c[0] == "gcloud")  # --reuse: the same slice

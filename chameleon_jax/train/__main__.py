@@ -19,6 +19,8 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process: a process that sent no heartbeat for this long "
+                     "counts as dead, and every other process stops instead of waiting for it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,9 +30,10 @@ def init_distributed() -> None:
 
     F = flags.FLAGS
     if F.coordinator_address:
-        jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+        jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id,
+                                   heartbeat_timeout_seconds=F.heartbeat_timeout_s)
     elif F.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=F.heartbeat_timeout_s)
 
 
 def main(argv):
