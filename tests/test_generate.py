@@ -218,6 +218,56 @@ def test_guidance_at_unit_scales_equals_unguided(mode):
     assert (strong.tokens != plain.tokens).any()
 
 
+def _stream_prompts(context):
+    """The spec's three streams (§6.2), built from scratch: full = the whole context; images-only = <s>,
+    image codes and the image delimiters; unconditional = [<s>, <begin-image>] + the image being drawn."""
+    keep = lambda t: t == VOCAB.bos or VOCAB.is_image(t) or t in (VOCAB.begin_image, VOCAB.end_image)
+    opened = max(i for i, t in enumerate(context) if t == VOCAB.begin_image)
+    return [context, [t for t in context if keep(t)], [VOCAB.bos] + context[opened:]]
+
+
+def _combine(mode, f, i, u, text_scale, image_scale):
+    if mode == "two":
+        return u + text_scale * (f - u)
+    return u + image_scale * (i - u) + text_scale * (f - i)
+
+
+@pytest.mark.parametrize("mode", ["two", "three"])
+def test_guided_image_codes_follow_the_spec_formula_over_independent_streams(mode):
+    """Greedy image codes at the official scales (text 3.0, image 1.2) equal the argmax over image ids
+    of the spec's combination of the streams, each run alone (no cache) on its own filtered prompt."""
+    graphdef, params = _model()
+    greedy = SamplingParams(temperature=0.0)
+    n_codes = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+    config = GenerationConfig(max_new_tokens=n_codes + 1, text=greedy, image=greedy, image_output=True,
+                              image_shape=IMAGE_SHAPE, guidance=mode, return_logits=True)
+    gen = Generator(graphdef, CFG, VOCAB, config, compiler_options=FAST_COMPILE)
+    prompts = _image_prompts()
+    out = gen(params, prompts, seed=0, text_scale=3.0, image_scale=1.2)
+    contexts = [(r, j, prompt + [int(t) for t in out.tokens[r, :j]]) for r, prompt in enumerate(prompts)
+                for j in range(n_codes)]
+    streams = [s for _, _, c in contexts for s in _stream_prompts(c)]
+    last = _full_logits(params, streams)[np.arange(len(streams)), [len(s) - 1 for s in streams]]
+    last = last.astype(np.float64).reshape(len(contexts), 3, -1)
+    image_ids = np.arange(VOCAB.image_start, VOCAB.image_start + VOCAB.image_codes)
+    pick = lambda logits: image_ids[np.argmax(logits[image_ids])]
+    changed = {"swapped scales": 0, "unfiltered images-only stream": 0}
+    for (r, j, context), (f, i, u) in zip(contexts, last):
+        # Each stream is off by the model's any-order bound (tests/numerics.py); the combination weighs
+        # the streams by at most |1 - s_img| + |s_img - s_txt| + |s_txt| <= 1 + 2*3.0 + 2*1.2.
+        tol = chain_tol(f, transformer_lengths(CFG, context=len(context)))
+        np.testing.assert_allclose(out.logits[r, j], f, rtol=0, atol=tol)  # the full stream itself
+        want, got = _combine(mode, f, i, u, 3.0, 1.2), int(out.tokens[r, j])
+        # Equal, unless the reference's best two codes are within rounding of each other.
+        assert got == pick(want) or want[pick(want)] - want[got] <= (1 + 2 * 3.0 + 2 * 1.2) * tol, (r, j, got)
+        changed["swapped scales"] += pick(_combine(mode, f, i, u, 1.2, 3.0)) != got
+        changed["unfiltered images-only stream"] += pick(_combine(mode, f, f, u, 3.0, 1.2)) != got
+    # The comparison has power: the bugs it is for would have changed some codes.
+    assert changed["swapped scales"] > 0, changed
+    if mode == "three":
+        assert changed["unfiltered images-only stream"] > 0, changed
+
+
 def test_seeds_reproduce_and_differ():
     _, params = _model()
     gen = _generator()
