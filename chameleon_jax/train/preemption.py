@@ -1,0 +1,71 @@
+"""Pod-wide preemption: whichever host gets the notice, every host saves the same step and exits.
+
+A preemption or maintenance notice reaches a TPU VM or a GKE pod as SIGTERM, on some hosts and not
+others, and the hosts of a job must save the same step (each writes its part of the checkpoint).
+
+- One process: a Python handler sets a flag; the loop saves at the next step boundary.
+- Several processes (jax.distributed): jax's preemption sync manager owns SIGTERM. Its notifier tells the
+  coordination service, which picks a step every host has not reached yet (the largest current step
+  + 1); `multihost_utils.reached_preemption_sync_point(step)` turns True on every host at that step.
+  No collective runs per step: a step-by-step all-gather of the flag would make every host wait for
+  each step's device work before dispatching the next. A Python SIGTERM handler would replace the
+  notifier's, so only SIGINT gets one here, and it re-raises itself as SIGTERM for the notifier.
+
+A host that dies without notice cannot take part: the coordination service misses its heartbeats and
+stops every other process after `heartbeat_timeout_seconds` of jax.distributed.initialize (chameleon_jax
+.train's --heartbeat_timeout_s; 100 s by default), so a pod never hangs on a dead peer.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+import jax
+from jax._src import distributed
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+def _sync_manager_running() -> bool:
+    return (jax.process_count() > 1 and distributed.global_state.client is not None
+            and distributed.global_state.preemption_sync_manager is not None)
+
+
+class StopSignal:
+    """`with StopSignal() as stop: ... if stop.agreed(step): save and exit`."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        self._pod = False
+
+    def __enter__(self):
+        self._pod = _sync_manager_running()
+        for sig in (signal.SIGINT,) if self._pod else (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no preemption saves
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts without saving
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at an agreed step boundary, then exiting", self.received)
+        if self._pod:
+            signal.raise_signal(signal.SIGTERM)  # to the sync manager's notifier, which tells every host
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, step: int) -> bool:
+        """True on every process at the same step once any process got a signal. Call it every step."""
+        if not self._pod:
+            return self.received is not None
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.received = self.received or "SIGTERM (on some host)"
+            return True
+        return False
