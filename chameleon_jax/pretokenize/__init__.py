@@ -256,67 +256,24 @@ def vqgan_tools(vqgan: str | None, encode_batch: int, *, config=None, seed: int 
             functools.partial(vq_images.load_image, size=cfg.resolution), cfg.n_embed)
 
 
-def main(argv):
-    del argv
+def pretokenize_corpus(inputs: list[str], out_dir: str, *, tokenizer: str, vqgan: str | None = None,
+                       vqgan_config=None, encode_batch: int = 16, seed: int = 0, max_image_pixels: int = -1,
+                       process_index: int | None = None, process_count: int | None = None, **options) -> dict:
+    """`run` with the tokenizer file and the VQ-GAN at `vqgan` (or random weights of `vqgan_config`).
+
+    `max_image_pixels` -1 = `vqgan.images`' limit for the VQ-GAN's resolution; process index/count default
+    to JAX's. `options` go to `run` (docs_per_shard, seq_len, pair_loss, ...). Returns the manifest.
+    """
+    import functools
+
     import jax
-    from absl import app, flags
 
     from chameleon_jax import text
 
-    f = flags.FLAGS
-    if bool(f.vqgan) == bool(f.vqgan_random_init):
-        raise app.UsageError("pass --vqgan RUN (a trained VQ-GAN run or its export), or --vqgan_random_init "
-                             "with --vqgan_config FILE for a smoke run")
-    if f.vqgan_random_init and f.vqgan_config is None:
-        raise app.UsageError("--vqgan_random_init needs --vqgan_config (e.g. experiments/vqgan_smoke.py): it "
-                             "sizes the images and the image-code block")
-    from chameleon_jax import cpu
-    cpu.use_every_core(divides=(f.encode_batch,))  # encode batches are sharded over the cores
-    encode, load, codes = vqgan_tools(f.vqgan, f.encode_batch, config=f.vqgan_config, seed=f.seed)
-    if f.max_image_pixels >= 0:  # else vqgan.images.max_pixels_for(resolution)
-        import functools
-        load = functools.partial(load, max_pixels=f.max_image_pixels)
-    tokenizer = text.load(f.tokenizer, image_codes=codes)
-    pi = jax.process_index() if f.process_index < 0 else f.process_index
-    pc = jax.process_count() if f.process_count < 0 else f.process_count
-    m = run(f.input, f.out, tokenizer=tokenizer, encode_images=encode, load_image=load,
-            docs_per_shard=f.docs_per_shard, seed=f.seed, seq_len=f.seq_len, encode_batch=f.encode_batch,
-            pair_loss=f.pair_loss, image_first_fraction=f.image_first_fraction, process_index=pi,
-            process_count=pc, allow_paths_outside_input=f.allow_paths_outside_input)
-    print(f"{f.out}: {m['documents']} documents in {m['shards']} shards; tokens {m['tokens']}; "
-          f"skipped {m['skipped_by_reason'] or 'none'} (details in {f.out}/manifest.json)")
-
-
-if __name__ == "__main__":
-    from chameleon_jax import cpu
-    cpu.use_huge_pages()  # before anything allocates; see chameleon_jax/cpu.py
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    flags.DEFINE_list("input", None, "JSONL files, image folders (IMG + IMG.txt), .tar shards or folders of them")
-    flags.DEFINE_string("out", None, "output directory for shards and manifest.json")
-    flags.DEFINE_string("tokenizer", None, "sentencepiece .model (from `python -m chameleon_jax.text train`) or "
-                                           "the official text_tokenizer.json")
-    flags.DEFINE_string("vqgan", None, "a finished VQ-GAN run (`python -m chameleon_jax.vqgan.train --workdir`), "
-                                       "its export, or the export's state/ folder")
-    flags.DEFINE_alias("vqgan_checkpoint", "vqgan")
-    config_flags.DEFINE_config_file("vqgan_config", None, "VQ-GAN experiment config: sizes random weights "
-                                    "(--vqgan_random_init), or an export without config.json")
-    flags.DEFINE_bool("vqgan_random_init", False, "use randomly initialised VQ-GAN params (smoke runs only)")
-    flags.DEFINE_integer("docs_per_shard", 1000, "input documents per output shard (the resume unit)")
-    flags.DEFINE_integer("encode_batch", 16, "images per jitted VQ-GAN call")
-    flags.DEFINE_integer("seed", 0, "seed of the image-first flip of pairs")
-    flags.DEFINE_enum("pair_loss", "all", ["all", "target"], "image–text pairs: loss on every token, or only "
-                      "on the second modality given the first (captioning / text-to-image)")
-    flags.DEFINE_float("image_first_fraction", 0.5, "share of image–text pairs written image first (the rest "
-                       "caption first)")
-    flags.DEFINE_bool("allow_paths_outside_input", False, "let image paths in a JSONL leave its folder (absolute, "
-                      "'..', symlinks out); only for a trusted corpus, otherwise they are skipped")
-    flags.DEFINE_integer("max_image_pixels", -1, "skip images that decode to more pixels than this (-1: "
-                         "64 x resolution^2, at least 16.8 MP; 0: only Pillow's 89 MP bomb guard); JPEGs are "
-                         "decoded reduced first, so this bounds PNG/WebP memory")
-    flags.DEFINE_integer("seq_len", 0, "skip documents holding an image longer than this (0 = no check)")
-    flags.DEFINE_integer("process_index", -1, "this host's index (default: jax.process_index())")
-    flags.DEFINE_integer("process_count", -1, "number of hosts (default: jax.process_count())")
-    flags.mark_flags_as_required(["input", "out", "tokenizer"])
-    app.run(main)
+    encode, load, codes = vqgan_tools(vqgan, encode_batch, config=vqgan_config, seed=seed)
+    if max_image_pixels >= 0:
+        load = functools.partial(load, max_pixels=max_image_pixels)
+    return run(inputs, out_dir, tokenizer=text.load(tokenizer, image_codes=codes), encode_images=encode,
+               load_image=load, seed=seed, encode_batch=encode_batch,
+               process_index=jax.process_index() if process_index is None else process_index,
+               process_count=jax.process_count() if process_count is None else process_count, **options)
