@@ -120,7 +120,7 @@ def _reader(directory) -> ocp.CheckpointManager:
     """
     me = jax.process_index()
     options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False,
+        read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"restore-p{me}"))
     return ocp.CheckpointManager(storage.resolve(directory), options=options)
@@ -188,6 +188,10 @@ def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_i
                     restored = reader.restore(int(step), args=ocp.args.Composite(**items))
                 except Exception as e:  # Orbax, tensorstore and Grain raise many types for damaged files
                     reason = _root_cause(e)
+                    missing = [f for f in ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
+                               if not (directory / str(step) / f).exists()]
+                    if missing:  # Orbax reports a lost metadata file as a pytree structure mismatch
+                        reason = f"{', '.join(missing)} missing; {reason}"
                     log.debug("process %d cannot restore step %d", jax.process_index(), step, exc_info=True)
             reasons = _gather_reasons(reason[:_REASON_BYTES - 8])
             if not any(reasons):
