@@ -2,6 +2,7 @@
 and the same seed gives the same results."""
 import json
 
+import numpy as np
 import pytest
 
 from chameleon_jax import smoke
@@ -66,3 +67,23 @@ def test_changed_data_settings_rebuild_the_data_and_the_tokenizer(tmp_path):
     assert len((data / "train.jsonl").read_text().splitlines()) == len(lines) + 3
     assert stages.train_tokenizer(s, data, tmp_path / "tokenizer") == tok
     assert (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns != made
+
+
+def test_generate_answers_from_the_smoke_run(first_run, tmp_path):
+    # The run's config records its tokenizer and VQ-GAN, so a checkpoint alone is enough to generate:
+    # an image in, its codes through the model, an image out (decoded by the same VQ-GAN).
+    from chameleon_jax import generate
+    from chameleon_jax.vqgan import checkpoint as vq_checkpoint
+
+    workdir, _ = first_run
+    scene = workdir / "data" / "images" / "eval_000000.png"
+    out = tmp_path / "answer"
+    lines = generate.answer(str(workdir / "train"), "<image> the same scene", str(out), images=[str(scene)],
+                            mode="image")
+    assert lines == ["[image_1.png]"]  # image mode: exactly one image
+    assert (out / "output.txt").read_text() == "[image_1.png]\n" and (out / "image_1.png").stat().st_size > 0
+    record = json.loads((out / "output.json").read_text())
+    assert record["images_in"] == [str(scene)] and record["mode"] == "image"
+    vq_cfg, _ = vq_checkpoint.load(workdir / "vqgan")
+    side = vq_cfg.resolution // 2 ** (len(vq_cfg.ch_mult) - 1)  # one downsampling per level after the first
+    assert np.array(record["segments"][0]["codes"]).shape == (side, side)
