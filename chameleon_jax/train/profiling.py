@@ -20,6 +20,8 @@ import tempfile
 import jax
 from etils import epath
 
+from chameleon_jax import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +77,6 @@ class StepProfiler:
             if f.is_file():
                 dest = self.target / f.relative_to(local)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(f.read_bytes())  # whole objects: object stores have no append
+                storage.upload(f, dest)  # whole objects: object stores have no append
         shutil.rmtree(local, ignore_errors=True)
         log.info("profile written to %s", self.target)

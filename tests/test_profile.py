@@ -1,0 +1,79 @@
+"""Profiling chosen steps into the workdir, and goodput accounting in metrics.jsonl."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from chameleon_jax.train import goodput as goodput_lib
+from chameleon_jax.train import metrics as metrics_lib
+from chameleon_jax.train import profiling
+from test_config import load
+
+
+def traced_steps(folder) -> list[int]:
+    """The `train` step annotations in the Perfetto trace(s) under `folder`."""
+    steps = []
+    for trace in Path(folder).rglob("perfetto_trace.json.gz"):
+        events = json.load(gzip.open(trace))
+        events = events["traceEvents"] if isinstance(events, dict) else events
+        steps += [int(e["args"]["step_num"]) for e in events if e.get("name") == "train" and "args" in e]
+    return sorted(steps)
+
+
+def test_profile_steps_are_checked():
+    assert profiling.parse_steps("10:13") == range(10, 13)
+    assert profiling.parse_steps("") is None
+    for bad in ("13:10", "0:3", "10", "a:b"):
+        with pytest.raises(ValueError, match="--config.profile.steps=10:13"):
+            profiling.parse_steps(bad)
+
+
+def test_profiler_traces_exactly_the_chosen_steps(tmp_path):
+    profiler = profiling.StepProfiler("3:5", tmp_path)
+    step = jax.jit(lambda x: jnp.tanh(x) @ x)
+    x = jnp.ones((64, 64))
+    for n in range(1, 7):
+        with profiler.step(n):
+            x = step(x)
+        profiler.after(n, x)
+    profiler.close()
+    run = tmp_path / "profile" / "process_0" / "plugins" / "profile"
+    assert list(run.glob("*/*.xplane.pb"))  # TensorBoard's profile plugin / XProf
+    assert traced_steps(run) == [3, 4]
+
+
+def test_profile_goes_to_a_bucket_workdir(gcs, tmp_path):
+    # jax.profiler writes local files only; the trace must still land in a gs:// workdir.
+    workdir = gcs.new_bucket() + "/run"
+    profiler = profiling.StepProfiler("1:2", workdir)
+    with profiler.step(1):
+        y = jax.jit(lambda x: x * 2)(jnp.ones(8))
+    profiler.after(1, y)
+    objects = gcs.object_sizes(workdir + "/profile/process_0/")
+    assert any(name.endswith(".xplane.pb") and size > 0 for name, size in objects.items()), objects
+    assert any(name.endswith("perfetto_trace.json.gz") for name in objects), objects
+
+
+def test_goodput_parts_add_up_to_wall_time():
+    now = [0.0]
+    g = goodput_lib.Goodput(clock=lambda: now[0])
+    now[0] = 2.0
+    with g.measure("restore"):
+        now[0] = 5.0                       # 3 s restoring
+    now[0] = 6.0                           # 1 s of other start-up
+    g.loop_started()
+    g.add("compile", 4.0)
+    g.add("data_wait", 0.5)
+    g.add("checkpoint", 1.5)
+    now[0] = 16.0                          # 10 s in the loop: 6 s lost, 4 s productive
+    m = g.metrics()
+    assert m["goodput/wall_s"] == 16.0 and m["goodput/productive_s"] == 4.0
+    assert m["goodput/restore_s"] == 3.0 and m["goodput/other_s"] == 3.0
+    assert m["goodput/productive_fraction"] == 4.0 / 16.0
+    with pytest.raises(KeyError, match="data_wait"):
+        g.add("waiting", 1.0)
