@@ -316,6 +316,8 @@ def make_train_iterator(data_config, *, seq_len: int | None = None, batch_size: 
 
         process_index, process_count = jax.process_index(), jax.process_count()
     infos = validate(data_config, total_steps, process_count, vocab_size=vocab_size, split=split)
+    log.info("%s data: %s", split, ", ".join(f"{n} = {i.path} ({i.documents:,} documents, vocab {i.vocab.name})"
+                                             for n, i in infos.items()))
     stages = _stages(data_config, total_steps, split)
     datasets = [build_stage_dataset(data_config, infos, st, i, process_index, process_count)
                 for i, st in enumerate(stages)]
