@@ -1,9 +1,12 @@
 """Chameleon's tokenizer configuration (spec §4.2): 512 px -> 32×32 codes from 8192×256, ~68.7 M params,
 trained with the taming recipe (L1 + LPIPS-VGG + hinge PatchGAN with adaptive weight, Adam(0.5, 0.9)).
 
-    python -m chameleon_jax.vqgan.train --config experiments/vqgan_chameleon.py --workdir /ckpt/vqgan
+    python -m chameleon_jax.vqgan.train --config experiments/vqgan_chameleon.py --workdir /ckpt/vqgan \
+        --config.data.inputs=/path/to/images
 
-The shapes data block is a placeholder for real image data at this size; LPIPS needs `.[lpips]`.
+`data.inputs` takes what pretokenize reads, comma-separated: image folders (captions not needed), JSONL
+files naming images, webdataset .tar shards. `eval.num_images` images are held out from them unless
+`--config.eval.inputs` names a separate held-out set. LPIPS needs `pip install -e .[lpips]`.
 """
 import ml_collections
 
@@ -19,8 +22,9 @@ def get_config(arg=None):
     c.optim = dict(lr=4.5e-6 * 8, b1=0.5, b2=0.9, warmup_steps=0, decay_steps=1_000_000, final_lr_fraction=1.0,
                    grad_clip=0.0)  # taming: lr = batch × 4.5e-6, constant
     c.disc_optim = dict(c.optim)
-    c.data = dict(seed=0, batch_size=8, image_size=512)
+    c.data = dict(kind="images", inputs="", seed=0, batch_size=8, image_size=512,
+                  threads=8)  # image decoding threads per process
     c.train = dict(steps=500_000, log_every=50, eval_every=5000, checkpoint_every=2000, keep_checkpoints=3,
-                   time_budget_s=0)
-    c.eval = dict(num_images=64, lpips=True)
+                   time_budget_s=0, max_bad_steps=10)
+    c.eval = dict(num_images=64, lpips=True, inputs="")  # inputs: a held-out set (default: held back from data)
     return c

@@ -1,7 +1,8 @@
-"""Scalar metrics to `metrics.jsonl` and TensorBoard (tensorboardX), written by process 0 only.
+"""Scalars to `metrics.jsonl` and TensorBoard (tensorboardX), images to PNGs and TensorBoard; process 0 writes.
 
     writer = MetricsWriter(workdir, resume_step=step)
     writer.write(step, {"train/loss": 2.3, "perf/mfu": 0.21})
+    writer.write_image(step, "eval/reconstructions", grid)   # uint8 [H, W, 3]: TensorBoard + a PNG
     read_metrics(workdir)   # -> list of dicts, one per write, each with "step"
 
 On resume from step s, records after s (written by the interrupted run past its last checkpoint) are
@@ -13,11 +14,12 @@ local folder that is uploaded after each write (`storage.MirroredDir`).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
-from pathlib import Path
 
+import numpy as np
 from etils import epath
 
 from chameleon_jax import storage
@@ -48,6 +50,7 @@ class MetricsWriter:
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "metrics.jsonl"
+        self._images = workdir / "images"
         lines = _drop_after(self.path, resume_step)
         # Locally, append; on an object store, keep every line here and rewrite the object at each write.
         self._lines = None if not storage.is_remote(self.path) else lines
@@ -78,6 +81,28 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
             self._tb_dir.sync()
+
+    def write_image(self, step: int, tag: str, image) -> epath.Path | None:
+        """A uint8 [H, W, 3] image to TensorBoard and to DIR/images/<tag>_<step>.png (for a look without
+        TensorBoard); returns the PNG's path."""
+        if not self.enabled:
+            return None
+        from PIL import Image
+
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"write_image takes uint8 [H, W, 3]; got {image.dtype} {image.shape} "
+                             "(vqgan.images.to_uint8 converts decoder output)")
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        self._images.mkdir(parents=True, exist_ok=True)
+        path = self._images / f"{tag.replace('/', '_')}_{int(step):06d}.png"
+        path.write_bytes(png.getvalue())  # one whole object: works on an object store too
+        if self._tb is not None:
+            self._tb.add_image(tag, image, int(step), dataformats="HWC")
+            self._tb.flush()
+            self._tb_dir.sync()
+        return path
 
     def close(self) -> None:
         if not self.enabled:
