@@ -74,4 +74,10 @@ def test_two_processes_train_get_killed_resume_identically_and_restore_in_one_pr
 
     results, _ = eval_lib.evaluate_checkpoint(workdir, mesh_sizes=(-1, 1, 1))  # 8 devices, 1 process
     assert results["checkpoint"].endswith("checkpoints/12")
-    assert np.isfinite(results["perplexity"]) and results["perplexity"] < 1024
+    # The restored model must be the trained one: at init the logits are near uniform (perplexity ~
+    # the 1,024-word vocabulary, log 6.93, as the first window's loss shows); 12 steps lower the
+    # held-out loss by ~0.26 nats (802, measured on one process). Lost or mixed-up params sit at the
+    # start's level; the restored model must match the end of training.
+    train = sorted((s, v) for (s, k), v in after.items() if k == "train/loss")
+    log_ppl = np.log(results["perplexity"])
+    assert np.isfinite(log_ppl) and log_ppl < train[0][1] - 0.1 and log_ppl < train[-1][1] + 0.1, (log_ppl, train)
