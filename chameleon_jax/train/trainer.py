@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import time
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -34,11 +33,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from chameleon_jax import checkpoint as ckpt
 from chameleon_jax.data.batch import device_batch
+from chameleon_jax.train import goodput as goodput_lib
 from chameleon_jax.train import metrics as metrics_lib
+from chameleon_jax.train import profiling
+from chameleon_jax.train.preemption import StopSignal  # noqa: F401 (also imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -146,41 +147,6 @@ class Task:
 
 
 # ------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits.
-# ------------------------------------------------------------------------------------------------
-class StopSignal:
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, no preemption saves
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C aborts without saving
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: saving a checkpoint at the next step boundary, then exiting",
-                    self.received)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self) -> bool:
-        """True on every process once any process got a signal (all must save the same step)."""
-        flag = self.received is not None
-        if jax.process_count() == 1:
-            return flag
-        return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-
-
-# ------------------------------------------------------------------------------------------------
 # Checkpoints and batches.
 # ------------------------------------------------------------------------------------------------
 @jax.jit
@@ -240,6 +206,8 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
     is_main = jax.process_index() == 0
     loop, config, mesh = task.loop, task.config, task.mesh
     total_steps = int(loop.steps)
+    goodput = goodput_lib.Goodput()  # wall time by cause, logged with every window
+    profiler = profiling.StepProfiler(config.get("profile", {}).get("steps", ""), workdir)
 
     # ---- Config -------------------------------------------------------------------------------
     if loop.checkpoint_every % loop.log_every:
@@ -251,14 +219,17 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
+    restore_started = time.perf_counter()
     # ---- Init or restore -----------------------------------------------------------------------
     manager = ckpt.make_manager(workdir / "checkpoints", keep=loop.keep, keep_every=loop.keep_every,
                                 async_save=loop.async_save)
-    start = manager.latest_step()
+    # Every process restores alone and all agree: a damaged newest step falls back, never hangs.
+    restored = ckpt.restore_latest_intact(manager, task.abstract_state, task.train_data, check_config=lambda saved:
+                                          check_resumable(saved, config, workdir, task.resume_guard))
+    start, state = restored.step, restored.state
     if start is not None:
-        check_resumable(ckpt.restore_config(manager, start), config, workdir, task.resume_guard)
-        state = ckpt.restore(manager, start, task.abstract_state, task.train_data)
         log.info("resumed from %s at step %d", workdir / "checkpoints", start)
+        goodput.add("restore", time.perf_counter() - restore_started)
     else:
         with task.context():
             state = task.init_state()
@@ -280,6 +251,7 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
                 out["perf/mfu"] = (out[f"perf/{task.item_unit}_per_s"] * task.flops_per_item / task.peak_flops
                                    if task.peak_flops else 0.0)
             out["perf/data_wait_fraction"] = min(window.data_wait / wall, 1.0)
+        out.update(goodput.metrics())
         writer.write(at_step, out)
         if is_main:
             bar.write(f"step {at_step}: " + "  ".join(
@@ -295,6 +267,7 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
         if is_main and result.console:
             bar.write(f"step {at_step}: eval {result.console}")
         window.untimed_s += time.perf_counter() - t
+        goodput.add("eval", time.perf_counter() - t)
         return result
 
     def save(at_step: int, *, force: bool = False):
@@ -303,6 +276,7 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
         save_checkpoint(manager, at_step, state, task.train_data, config, force=force, last_good=last_saved)
         last_saved = at_step
         window.untimed_s += time.perf_counter() - t  # the blocking part of an async save
+        goodput.add("checkpoint", time.perf_counter() - t)
 
     # ---- Loop ----------------------------------------------------------------------------------
     # Each step's metrics are fetched after the next step is dispatched, so the host never stalls
@@ -346,12 +320,18 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
 
     with StopSignal() as stop, jax.set_mesh(mesh), task.context(), \
             _progress(task.name, total_steps, step, is_main) as bar:
+        goodput.loop_started()
         while step < total_steps:
             t0 = time.perf_counter()
             batch = device_batch(next(task.train_data), mesh)
             data_wait = time.perf_counter() - t0
-            state, device_metrics = task.train_step(state, batch, step)
+            goodput.add("data_wait", data_wait)
+            with profiler.step(step + 1):
+                state, device_metrics = task.train_step(state, batch, step)
+            if step + 1 == first_step:  # the first call traces and compiles; the device runs it later
+                goodput.add("compile", time.perf_counter() - t0 - data_wait)
             step += 1
+            profiler.after(step, device_metrics)
             flush()
             pending = (step, device_metrics, data_wait)
             bar.update(1)
@@ -364,7 +344,7 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
             if step % loop.checkpoint_every == 0 or step == total_steps:
                 flush()  # log up to this step before its checkpoint can exist
                 save(step, force=True)
-            if stop.agreed():
+            if stop.agreed(step):
                 flush()
                 if window.steps:  # the partial window, so that no step goes unlogged
                     last_metrics = log_window(step, window, time.perf_counter() - window_start)
@@ -375,6 +355,7 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
                 log.warning("saved step %d after %s; exiting", step, stop.received)
                 break
         flush()
+        profiler.close()
     manager.wait_until_finished()
     manager.close()
     if not preempted and step >= total_steps and task.finish is not None:
