@@ -77,3 +77,27 @@ def test_goodput_parts_add_up_to_wall_time():
     assert m["goodput/productive_fraction"] == 4.0 / 16.0
     with pytest.raises(KeyError, match="data_wait"):
         g.add("waiting", 1.0)
+
+
+def test_a_run_writes_its_profile_and_goodput(tmp_path):
+    from chameleon_jax.train import runner
+
+    config = load("tiny")
+    config.train.update(steps=6, log_every=2, eval_every=0)
+    config.checkpoint.every = 2
+    config.profile.steps = "3:5"
+    runner.train(config, tmp_path)
+    assert traced_steps(tmp_path / "profile" / "process_0") == [3, 4]
+    rows = [r for r in metrics_lib.read_metrics(tmp_path) if "goodput/wall_s" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    parts = ("productive", "compile", "checkpoint", "data_wait", "eval", "restore", "other")
+    for r in rows:
+        # The parts partition the wall time (float sums of a few terms: exact to ~1e-12 s).
+        assert sum(r[f"goodput/{p}_s"] for p in parts) == pytest.approx(r["goodput/wall_s"], abs=1e-9)
+        assert all(r[f"goodput/{p}_s"] >= 0 for p in parts if p != "other")
+        assert 0 < r["goodput/productive_fraction"] < 1
+    last = rows[-1]
+    assert last["goodput/compile_s"] > 0 and last["goodput/checkpoint_s"] > 0 and last["goodput/data_wait_s"] > 0
+    assert last["goodput/restore_s"] == 0  # a fresh run restored nothing
+    # Cumulative: later windows never report less of anything.
+    assert rows[0]["goodput/wall_s"] < last["goodput/wall_s"]
