@@ -7,7 +7,7 @@
     (metrics every log_every steps, eval every eval_every, checkpoints every checkpoint_every,
     non-finite steps skipped and counted, SIGTERM/SIGINT: save and exit).
 
-The language model (`train/runner.py`) and the VQ-GAN (`vqgan/train.py`) are two `Task`s over this loop.
+The language model (`train/runner.py`) and the VQ-GAN (`vqgan/train/task.py`) are two `Task`s over this loop.
 
 Workdir layout (process 0 writes the logs; every process writes its part of a checkpoint):
 
@@ -223,10 +223,11 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
     # ---- Init or restore -----------------------------------------------------------------------
     manager = ckpt.make_manager(workdir / "checkpoints", keep=loop.keep, keep_every=loop.keep_every,
                                 async_save=loop.async_save)
-    start = manager.latest_step()
+    # Every process restores alone and all agree: a damaged newest step falls back, never hangs.
+    restored = ckpt.restore_latest_intact(manager, task.abstract_state, task.train_data, check_config=lambda saved:
+                                          check_resumable(saved, config, workdir, task.resume_guard))
+    start, state = restored.step, restored.state
     if start is not None:
-        check_resumable(ckpt.restore_config(manager, start), config, workdir, task.resume_guard)
-        state = ckpt.restore(manager, start, task.abstract_state, task.train_data)
         log.info("resumed from %s at step %d", workdir / "checkpoints", start)
         goodput.add("restore", time.perf_counter() - restore_started)
     else:
