@@ -21,6 +21,7 @@ import logging
 import signal
 
 import jax
+import numpy as np
 from jax._src import distributed
 from jax.experimental import multihost_utils
 
@@ -64,7 +65,12 @@ class StopSignal:
     def agreed(self, step: int) -> bool:
         """True on every process at the same step once any process got a signal. Call it every step."""
         if not self._pod:
-            return self.received is not None
+            flag = self.received is not None
+            if jax.process_count() == 1:
+                return flag
+            # Several processes without the sync manager (jax_enable_preemption_service off): agree by an
+            # all-gather of the flag, which waits for each step's device work.
+            return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         if multihost_utils.reached_preemption_sync_point(step):
             self.received = self.received or "SIGTERM (on some host)"
             return True
