@@ -34,6 +34,8 @@ from chameleon_jax.model import sharding as shd
 from chameleon_jax.sampling import SamplingParams
 
 GUIDANCE_STREAMS = {"none": 1, "two": 2, "three": 3}
+# The context each stream conditions on: 0 full, 1 images only, 2 unconditional ("two" = full, uncond).
+_STREAM_ROLES = {1: (0,), 2: (0, 2), 3: (0, 1, 2)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +198,8 @@ def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int
     real = segment_ids != 0
 
     # Streams stacked stream-major: rows [k·B, (k+1)·B) belong to stream k.
-    keep = jnp.concatenate([_stream_keep(tokens, real, vocab, k) for k in range(streams)], axis=0)
+    roles = _STREAM_ROLES[streams]
+    keep = jnp.concatenate([_stream_keep(tokens, real, vocab, k) for k in roles], axis=0)
     all_tokens = jnp.tile(tokens, (streams, 1))
     seg = keep.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0).astype(jnp.int32)
@@ -217,7 +220,7 @@ def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int
         presence = jnp.zeros((b, v), jnp.int32).at[jnp.arange(b)[:, None], tokens].add(real) > 0
     out_tokens = jnp.full((b, t_max), vocab.pad, jnp.int32)
     out_logits = jnp.zeros((b, t_max, v), jnp.float32) if cfg.return_logits else None
-    stream_id = jnp.repeat(jnp.arange(streams), b)
+    stream_id = jnp.repeat(jnp.array(roles), b)  # each row's role (0 full, 1 images only, 2 uncond)
     head = _decode_head(model, streams * b)
     # The loop runs the blocks from per-layer weights and caches, split once here (see Transformer).
     layers = model.unstack_layers()
