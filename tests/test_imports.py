@@ -67,3 +67,12 @@ def test_library_modules_do_not_parse_flags(graph):
 def test_program_modules_exist(graph):
     # A renamed program must not leave a stale entry that would exempt a future library module.
     assert PROGRAM_MODULES <= set(graph.modules)
+
+
+def test_data_depends_only_on_the_vocabulary_and_storage(graph):
+    # The data layer (sources, packing, the batch format) sits below the model and the trainer.
+    allowed = {"chameleon_jax.vocab", "chameleon_jax.storage"}
+    data = graph.find_descendants("chameleon_jax.data") | {"chameleon_jax.data"}
+    outside = sorted(f"{m} -> {i}" for m in data for i in graph.find_modules_directly_imported_by(m)
+                     if i.startswith(PACKAGE + ".") and i not in data and i not in allowed)
+    assert not outside, "the data layer imports upward:\n" + "\n".join(outside)
