@@ -172,9 +172,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rev", help="run against this commit's code and tests instead of the working tree")
     parser.add_argument("--only", default="", help="run the mutants whose name contains this text")
+    parser.add_argument("--skip", default="", help="leave out the mutants whose name contains this text")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     args = parser.parse_args()
-    mutants = [m for m in MUTANTS if args.only in m.name]
+    mutants = [m for m in MUTANTS if args.only in m.name and not (args.skip and args.skip in m.name)]
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         pristine = Path(tmp) / "pristine"
         pristine.mkdir()
