@@ -5,11 +5,12 @@ Experiment files in experiments/ start from `base_config()` and change only what
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from chameleon_jax.model.config import REMAT_POLICIES, ModelConfig
 from chameleon_jax.model.sharding import MESH_AXES, mesh_shape, slice_layout
-from chameleon_jax.train.profiling import parse_steps as parse_profile_steps
 
 CHAMELEON_IMAGE_IDS = (4, 4 + 8192)  # image codes are ids 4..8195 (spec §4.7)
 
@@ -52,6 +53,17 @@ def base_config() -> ml_collections.ConfigDict:
     # Initialise params (only) from another run's checkpoint when the workdir has none (e.g. SFT).
     c.init = ml_collections.ConfigDict(dict(checkpoint=""))
     return c
+
+
+def parse_profile_steps(spec: str) -> range | None:
+    """profile.steps: '10:13' -> range(10, 13); '' -> None. Steps count from 1, as the logged step numbers do."""
+    if not spec:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
+    if not m or not 1 <= int(m[1]) < int(m[2]):
+        raise ValueError(f"profile.steps={spec!r}; write FIRST:END with 1 <= FIRST < END (END excluded), "
+                         f"e.g. --config.profile.steps=10:13 for steps 10, 11 and 12.")
+    return range(int(m[1]), int(m[2]))
 
 
 def validate(config, num_devices: int | None = None) -> ModelConfig:

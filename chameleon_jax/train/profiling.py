@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import pathlib
-import re
 import shutil
 import tempfile
 
@@ -21,19 +20,10 @@ import jax
 from etils import epath
 
 from chameleon_jax import storage
+# The spec is parsed where the config is validated; the profiler reads it the same way.
+from chameleon_jax.config import parse_profile_steps as parse_steps
 
 log = logging.getLogger(__name__)
-
-
-def parse_steps(spec: str) -> range | None:
-    """'10:13' -> range(10, 13); '' -> None. Steps count from 1, as the logged step numbers do."""
-    if not spec:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
-    if not m or not 1 <= int(m[1]) < int(m[2]):
-        raise ValueError(f"profile.steps={spec!r}; write FIRST:END with 1 <= FIRST < END (END excluded), "
-                         f"e.g. --config.profile.steps=10:13 for steps 10, 11 and 12.")
-    return range(int(m[1]), int(m[2]))
 
 
 class StepProfiler:
