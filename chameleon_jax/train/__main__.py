@@ -7,6 +7,7 @@ Multi-process: `--coordinator_address HOST:PORT --num_processes N --process_id I
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from absl import app, flags
@@ -38,9 +39,23 @@ def init_distributed() -> None:
 
 def main(argv):
     del argv
+    # A SIGTERM while joining the job would otherwise hit the default action (the notifier that owns the
+    # signal in a multi-process run is installed inside initialize): remember it, then hand it on.
+    early: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
     init_distributed()
     import jax
 
+    if jax.process_count() > 1:  # jax's preemption notifier now owns SIGTERM (train.preemption)
+        if early:
+            signal.raise_signal(signal.SIGTERM)  # honoured at the first agreed step, like a later one
+    else:
+        signal.signal(signal.SIGTERM, previous)
+        if early:
+            print("SIGTERM before the run started: nothing trained, nothing to save", file=sys.stderr)
+            return
+
+    from chameleon_jax import checkpoint as ckpt
     from chameleon_jax.train import runner
 
     level = logging.INFO if jax.process_index() == 0 else logging.WARNING
@@ -52,6 +67,9 @@ def main(argv):
     except runner.NonFiniteError as e:
         logging.getLogger("chameleon_jax.train").error("%s", e)
         sys.exit(3)
+    except ckpt.CheckpointDamaged as e:  # every process raises it at the same point: no peer is left waiting
+        logging.getLogger("chameleon_jax.train").error("%s", e)
+        sys.exit(4)
     if result.preempted:
         logging.getLogger("chameleon_jax.train").warning("preempted at step %d; rerun the same command to resume",
                                                           result.step)
