@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 
 from etils import epath
@@ -29,7 +31,11 @@ _COPY_CHUNK = 16 << 20  # streamed copies: bounded memory for shards of any size
 
 def is_remote(path: PathLike) -> bool:
     """True for object-store URLs (gs://, s3://, ...), False for local paths."""
-    return "://" in os.fspath(path)
+    text = os.fspath(path)
+    if re.match(r"[a-z][a-z0-9+.-]*:/[^/]", text):
+        raise ValueError(f"{text!r} is a URL that went through pathlib.Path (which turns gs:// into gs:/, a local "
+                         "folder); keep paths that may be remote as str or etils.epath.Path")
+    return "://" in text
 
 
 def resolve(path: PathLike) -> epath.Path:
@@ -104,13 +110,15 @@ class MirroredDir:
     """A local staging folder whose files are copied whole to a remote folder at each `sync()`.
 
     For writers that append to local files (tensorboardX event files, profiler traces): they write
-    into `.local`; `sync()` uploads every file whose size changed since its last upload. A local
-    `remote` needs no mirror: `.local` is then `remote` itself and `sync()` does nothing.
+    into `.local`; `sync()` uploads every file whose size changed since its last upload (whole: an
+    object store has no append), at most once per `min_interval_s` unless forced; `close()` forces the
+    last one. A local `remote` needs no mirror: `.local` is then `remote` itself and `sync()` does nothing.
     """
 
-    def __init__(self, remote: PathLike, prefix: str = "mirror-"):
+    def __init__(self, remote: PathLike, prefix: str = "mirror-", min_interval_s: float = 0.0):
         self.remote = epath.Path(remote)
         self._mirrored = is_remote(remote)
+        self._min_interval_s, self._last_sync = min_interval_s, float("-inf")
         if self._mirrored:
             self.local = tempfile.mkdtemp(prefix=prefix)
         else:
@@ -118,9 +126,11 @@ class MirroredDir:
             self.local = os.fspath(self.remote)
         self._uploaded: dict[str, int] = {}
 
-    def sync(self) -> None:
-        if not self._mirrored:
+    def sync(self, force: bool = False) -> None:
+        """Uploads what changed; unless `force`, at most once per `min_interval_s`."""
+        if not self._mirrored or (not force and time.monotonic() - self._last_sync < self._min_interval_s):
             return
+        self._last_sync = time.monotonic()
         for root, _, files in os.walk(self.local):
             for name in files:
                 src = os.path.join(root, name)
@@ -131,6 +141,6 @@ class MirroredDir:
                     self._uploaded[rel] = size
 
     def close(self) -> None:
-        self.sync()
+        self.sync(force=True)
         if self._mirrored:
             shutil.rmtree(self.local, ignore_errors=True)

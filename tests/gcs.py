@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -63,16 +64,18 @@ class GcsEmulator:
             "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential search (a metadata-server probe per process)
         }
         self._timeout = startup_timeout_s
-        self._proc = None
+        self._proc = self._log = None
 
     def start(self) -> "GcsEmulator":
+        # Its log goes to a file: the server logs every request, and an unread pipe would fill and block it.
+        self._log = tempfile.NamedTemporaryFile(prefix="gcs-emulator-", suffix=".log", delete=False)
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--port", str(self.port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self._timeout
         while True:
             if self._proc.poll() is not None:
-                raise RuntimeError("gcp-storage-emulator exited at start: "
-                                   + self._proc.stderr.read().decode(errors="replace")[-2000:])
+                raise RuntimeError(f"gcp-storage-emulator exited at start ({self._log.name}): "
+                                   + open(self._log.name, errors="replace").read()[-2000:])
             try:
                 urllib.request.urlopen(self.url + "/", timeout=2).read()
                 return self
@@ -92,6 +95,10 @@ class GcsEmulator:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+        if self._log is not None:
+            self._log.close()
+            os.unlink(self._log.name)
+            self._log = None
 
     def __enter__(self):
         return self.start()

@@ -9,8 +9,9 @@ On resume from step s, records after s (written by the interrupted run past its 
 dropped from metrics.jsonl, so the file reads like one uninterrupted run.
 
 The workdir may be an object store (gs://), which has no append: there metrics.jsonl is rewritten whole
-at each write (it stays small: one line per logging window), and TensorBoard events are written to a
-local folder that is uploaded after each write (`storage.MirroredDir`).
+at each write (it stays small: one line per logging window; durable before the checkpoint that follows
+it), and TensorBoard events are written to a local folder that is uploaded at most every 30 s and at
+close (`storage.MirroredDir`): a killed run's last half minute of events may be missing there.
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            # tensorboardX's own gs:// writer is broken (no `buffer` attribute); it writes a local mirror.
-            self._tb_dir = storage.MirroredDir(workdir / "tensorboard", prefix="tensorboard-")
+            # tensorboardX's own gs:// writer is broken (no `buffer` attribute); it writes a local mirror,
+            # uploaded at most every 30 s (each upload rewrites the event file whole) and at close.
+            self._tb_dir = storage.MirroredDir(workdir / "tensorboard", prefix="tensorboard-", min_interval_s=30)
             self._tb = SummaryWriter(self._tb_dir.local, purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, scalars: dict) -> None:
