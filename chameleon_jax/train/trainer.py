@@ -202,6 +202,13 @@ def _progress(name: str, total: int, initial: int, enabled: bool):
 # The loop.
 # ------------------------------------------------------------------------------------------------
 def run(task: Task, workdir: str | epath.Path) -> Result:
+    # SIGTERM/SIGINT are taken from here on, so one that arrives during restore or the first step's
+    # compile is honoured at the first agreed step boundary instead of killing the process.
+    with StopSignal() as stop:
+        return _run(task, workdir, stop)
+
+
+def _run(task: Task, workdir: str | epath.Path, stop: StopSignal) -> Result:
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
     loop, config, mesh = task.loop, task.config, task.mesh
@@ -318,7 +325,7 @@ def run(task: Task, workdir: str | epath.Path) -> Result:
             consume(*pending)
             pending = None
 
-    with StopSignal() as stop, jax.set_mesh(mesh), task.context(), \
+    with jax.set_mesh(mesh), task.context(), \
             _progress(task.name, total_steps, step, is_main) as bar:
         goodput.loop_started()
         while step < total_steps:

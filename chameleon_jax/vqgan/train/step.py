@@ -12,8 +12,12 @@ batch latents. A step whose loss or gradients are non-finite changes nothing but
 """
 from __future__ import annotations
 
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from chameleon_jax.vqgan import discriminator, losses, model, perceptual
@@ -81,7 +85,20 @@ _ALWAYS_ADVANCED = ("step", "rng", "bad_steps")
 def make_train_step(config, *, gan: bool):
     """(state, images, lpips_params) -> (state, metrics), jitted with the state donated. `gan` selects
     the variant with the PatchGAN terms; the task switches to it at `loss.disc_start`, so earlier steps
-    pay nothing for D."""
+    pay nothing for D.
+
+    The jitted function is shared between calls with the same update settings, so a resumed run in the
+    same process (tests, the smoke experiment) does not compile it again."""
+    update = {k: config[k].to_dict() for k in _UPDATE_SETTINGS}
+    return _train_step(json.dumps({**update, "train": {"ema_decay": ema_decay(config)}}, sort_keys=True), gan)
+
+
+_UPDATE_SETTINGS = ("loss", "quantizer", "optim", "disc_optim")  # and train.ema_decay: all the step reads
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(settings: str, gan: bool):
+    config = ml_collections.ConfigDict(json.loads(settings))
     L, q = config.loss, config.quantizer
     decay = ema_decay(config)
     tx, dtx = optimizer(config.optim), optimizer(config.disc_optim)
