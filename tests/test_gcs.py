@@ -120,6 +120,28 @@ def test_params_export_and_restore_on_gcs(gcs):
     assert any(name.startswith("export/state/") for name in gcs.object_sizes(out))
 
 
+def test_convert_writes_to_gcs_what_it_writes_locally(gcs, tmp_path):
+    """`python -m chameleon_jax.convert --out gs://...`: the same params and config as a local --out."""
+    import torch
+    import transformers
+
+    from chameleon_jax.convert import load_converted
+    from test_convert_hf import CONFIGS, _hf_config, _randomise, convert_main
+
+    torch.manual_seed(0)
+    hf = transformers.ChameleonForConditionalGeneration(_hf_config(**CONFIGS["7b"])).float().eval()
+    _randomise(hf, seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    remote = gcs.new_bucket() + "/converted"
+    for out in (str(tmp_path / "local"), remote):
+        convert_main(["--from", "hf", "--src", str(tmp_path / "hf"), "--out", out])
+    local_config, local_params = load_converted(str(tmp_path / "local"))
+    remote_config, remote_params = load_converted(remote)
+    assert remote_config.to_dict() == local_config.to_dict()
+    assert_bitwise_equal(remote_params, local_params)
+    assert any(name.startswith("converted/state/") for name in gcs.object_sizes(remote))
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end: pretokenize -> train (killed twice) -> resume bitwise -> eval, export, generate; all gs://.
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ Orbax checkpoint of {"params": pure params dict} (layers stacked along a leading
 
     python -m chameleon_jax.convert --from hf --src HF_DIR --out OUT_DIR
     config, params = chameleon_jax.convert.load_converted(OUT_DIR)
+
+OUT_DIR may be a bucket (gs://BUCKET/chameleon-7b): the export goes through Orbax and etils.epath.
+The source is read from local disk.
 """
 
 from __future__ import annotations

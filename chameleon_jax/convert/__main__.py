@@ -9,7 +9,7 @@ flags.DEFINE_enum("from", None, ["hf", "meta"], "hf: a save_pretrained directory
                   "ChameleonForConditionalGeneration (safetensors); meta: the official release folder "
                   "(params.json, consolidated*.pth).", required=True)
 flags.DEFINE_string("src", None, "Directory to read.", required=True)
-flags.DEFINE_string("out", None, "Directory to write (state/, config.json).", required=True)
+flags.DEFINE_string("out", None, "Directory to write (state/, config.json); local or gs://.", required=True)
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
                   "dtype of the written params (float32 = training master weights).")
 flags.DEFINE_alias("param-dtype", "param_dtype")
