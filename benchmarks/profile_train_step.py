@@ -57,7 +57,7 @@ def main():
 
     from benchmarks import bench_train_step as b
     from chameleon_jax import model as model_lib
-    from chameleon_jax.train import loss as loss_lib
+    from chameleon_jax.model import loss as loss_lib
 
     graphdef, mesh, state, step, batch = b.setup_ours(b._batch(4, 512), scan_layers=False)
     params = jax.tree.map(jnp.copy, state["params"])  # the step donates `state`; these stay alive

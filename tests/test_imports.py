@@ -44,6 +44,71 @@ def test_no_import_cycles(graph):
     assert not cycles, "import cycles:\n" + "\n".join(sorted(cycles))
 
 
+def _sibling_imports(graph, package: str) -> dict[tuple[str, str], str]:
+    """(child A, child B) -> one import of A's code from B's, over the direct children of `package`.
+
+    A child is a subpackage (with everything below it) or a module; the package's own __init__ is left out.
+    """
+    depth = package.count(".") + 1
+    edges = {}
+    for module in sorted(graph.find_descendants(package)):
+        for imported in sorted(graph.find_modules_directly_imported_by(module)):
+            if not imported.startswith(package + "."):
+                continue
+            a, b = module.split(".")[depth], imported.split(".")[depth]
+            if a != b:
+                edges.setdefault((a, b), f"{module} imports {imported}")
+    return edges
+
+
+def _strongly_connected(nodes, edges) -> list[list[str]]:
+    """Groups of two or more nodes that reach each other (Tarjan's algorithm)."""
+    successors = {n: sorted(b for a, b in edges if a == n) for n in nodes}
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in successors[node]:
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(nodes):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_no_import_loops_between_packages(graph):
+    # Module-level acyclicity is not enough: config.py importing train/profiling.py while train/runner.py
+    # imports config.py is no module cycle, yet `config` and `train` then sit above each other. Within every
+    # package, its subpackages and modules must form layers: no loop of imports among siblings.
+    loops = []
+    for package in _internal(graph):
+        if not graph.find_children(package):
+            continue
+        edges = _sibling_imports(graph, package)
+        nodes = {n for edge in edges for n in edge}
+        for group in _strongly_connected(nodes, edges):
+            witnesses = [f"    {edges[a, b]}" for a in group for b in group if (a, b) in edges]
+            loops.append(f"{package}: {', '.join(group)} import each other in a loop\n" + "\n".join(witnesses))
+    assert not loops, "packages that import each other (move the shared code down a layer):\n" + "\n".join(loops)
+
+
 def _is_program(module: str) -> bool:
     return module.rsplit(".", 1)[-1] == "__main__" or module in PROGRAM_MODULES
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chameleon_jax.train import loss as loss_lib
+from chameleon_jax.model import loss as loss_lib
 from numerics import ELEMENTWISE, U, cross_entropy_tol
 
 IMAGE_IDS = (4, 12)

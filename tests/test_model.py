@@ -13,7 +13,8 @@ import pytest
 from chameleon_jax import model as model_lib
 from chameleon_jax.model import sharding as shd
 from chameleon_jax.model.transformer import swiglu
-from chameleon_jax.train import loss as loss_lib, optimizer as opt_lib, step as step_lib
+from chameleon_jax.model import loss as loss_lib
+from chameleon_jax.train import optimizer as opt_lib, step as step_lib
 from numerics import ELEMENTWISE, U, attention_tol, chain_tol, cross_entropy_tol, gamma, transformer_lengths
 
 IMAGE_IDS = (4, 4 + 64)

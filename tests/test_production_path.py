@@ -119,7 +119,7 @@ def test_dropout_in_the_train_step_repeats_per_step_and_is_off_in_eval():
     logits = jax.jit(model.logits)(batch["tokens"], batch["segment_ids"], batch["positions"])
     again = jax.jit(model.logits)(batch["tokens"], batch["segment_ids"], batch["positions"])
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(again))
-    from chameleon_jax.train import loss as loss_lib
+    from chameleon_jax.model import loss as loss_lib
     eval_loss = float(loss_lib.loss_and_metrics(logits, batch, image_ids=IMAGE_IDS, z_loss_weight=1e-5)[0])
     assert abs(eval_loss - float(m1["loss"])) > 1e-3
 

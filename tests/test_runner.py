@@ -282,8 +282,8 @@ def test_sft_config_follows_the_paper_recipe():
 
 def test_sft_trains_from_pretrained_params_with_loss_on_answers_only(reference, tmp_path):
     from chameleon_jax import model as model_lib
-    from chameleon_jax.data import synthetic
-    from chameleon_jax.train import loss as loss_lib
+    from chameleon_jax.data import sources, synthetic
+    from chameleon_jax.model import loss as loss_lib
 
     ref, ref_dir = reference
     config = load_experiment("sft_7b", "tiny")
@@ -292,7 +292,7 @@ def test_sft_trains_from_pretrained_params_with_loss_on_answers_only(reference, 
     config.init.checkpoint = str(ref_dir)
     # Every SFT row masks exactly the prompts: a caption answers with its image block, a count with its
     # second half (read from the tokens here, not from the generator's bookkeeping).
-    batch = next(runner.make_data_iterator(config))
+    batch = next(sources.make_data_iterator(config))
     voc = synthetic.synthetic_vocab(config.model.vocab_size, tuple(config.loss.image_ids))
     for row in range(batch["tokens"].shape[0]):
         seg = batch["segment_ids"][row]

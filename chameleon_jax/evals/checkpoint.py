@@ -39,10 +39,10 @@ def evaluate_checkpoint(path, config=None, mesh_sizes=(-1, 1, 1), split="eval") 
 
     from chameleon_jax import checkpoint as ckpt
     from chameleon_jax import model as model_lib
+    from chameleon_jax.data import sources
     from chameleon_jax.evals import perplexity
     from chameleon_jax.model import sharding as shd
-    from chameleon_jax.train import runner
-    from chameleon_jax.train.step import LossConfig
+    from chameleon_jax.model.loss import LossConfig
 
     if split not in ("eval", "train"):
         raise ValueError(f"split={split!r}; use 'eval' (config.eval.data) or 'train' (the training source)")
@@ -55,9 +55,9 @@ def evaluate_checkpoint(path, config=None, mesh_sizes=(-1, 1, 1), split="eval") 
     eval_step = perplexity.make_eval_step(graphdef, LossConfig.from_config(config.loss), mesh,
                                           jax.tree.map(lambda x: x.sharding, params))
     if split == "eval":
-        batches = runner.eval_batches(config)
+        batches = sources.eval_batches(config)
     else:
-        it = runner.make_data_iterator(config)
+        it = sources.make_data_iterator(config)
         batches = (next(it) for _ in range(int(config.eval.steps)))
     with shd.activation_rules(rules):
         results = perplexity.evaluate(eval_step, params, batches, mesh)

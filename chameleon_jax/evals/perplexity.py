@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from chameleon_jax import model as model_lib
 from chameleon_jax.data.batch import Batch, device_batch
 from chameleon_jax.model import sharding as shd
-from chameleon_jax.train import loss as loss_lib
+from chameleon_jax.model import loss as loss_lib
 
 
 def make_eval_step(graphdef, loss_cfg, mesh, params_shardings):

@@ -1,4 +1,5 @@
-"""Next-token cross-entropy with z-loss, and per-modality metrics (spec §2.6, paper §2.3).
+"""The model's objective: next-token cross-entropy with z-loss, and per-modality metrics (spec §2.6,
+paper §2.3). Training minimises it and evaluation reports it, so it sits below both.
 
 Everything is a pure function of arrays. Metrics are returned as *sums and counts* so that a logging
 window (or an eval set) aggregates exactly; `summarize` turns them into means.
@@ -6,12 +7,23 @@ window (or an eval set) aggregates exactly; `summarize` turns them into means.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from chameleon_jax.data.batch import Batch  # the batch format: int32 [B, L] tokens, segment_ids, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    image_ids: tuple[int, int]
+    z_loss_weight: float = 1e-5
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossConfig":
+        return cls(image_ids=tuple(cfg.image_ids), z_loss_weight=float(cfg.z_loss_weight))
 
 
 def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:

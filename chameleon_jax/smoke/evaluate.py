@@ -91,12 +91,12 @@ def heldout_perplexity(config, graphdef, model_cfg, params) -> dict:
     """Loss, accuracy and perplexity per modality on the held-out pairs (config.eval.data)."""
     import jax
 
+    from chameleon_jax.data import sources
     from chameleon_jax.evals import perplexity
     from chameleon_jax.model import sharding as shd
-    from chameleon_jax.train import runner
-    from chameleon_jax.train.step import LossConfig
+    from chameleon_jax.model.loss import LossConfig
 
     mesh = shd.make_mesh(config.mesh)
     step = perplexity.make_eval_step(graphdef, LossConfig.from_config(config.loss), mesh,
                                      jax.tree.map(lambda x: x.sharding, params))
-    return perplexity.evaluate(step, params, runner.eval_batches(config), mesh)
+    return perplexity.evaluate(step, params, sources.eval_batches(config), mesh)

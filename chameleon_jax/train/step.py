@@ -6,7 +6,6 @@ is and any mesh can restore it from abstract targets.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -16,19 +15,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from chameleon_jax import model as model_lib
 from chameleon_jax.model import sharding as shd
-from chameleon_jax.train import loss as loss_lib
+from chameleon_jax.model import loss as loss_lib
+from chameleon_jax.model.loss import LossConfig  # noqa: F401  (the step's loss settings; step_lib.LossConfig)
 
 TrainState = dict
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    image_ids: tuple[int, int]
-    z_loss_weight: float = 1e-5
-
-    @classmethod
-    def from_config(cls, cfg) -> "LossConfig":
-        return cls(image_ids=tuple(cfg.image_ids), z_loss_weight=float(cfg.z_loss_weight))
 
 
 def abstract_state(model_cfg, tx: optax.GradientTransformation):
