@@ -56,3 +56,16 @@ def test_per_modality_sums_and_z_loss_by_hand():
     # exp turns the mean's absolute error into a relative one (plus its own ulps)
     np.testing.assert_allclose(summary["text/perplexity"], np.exp((nll[1] + nll[3]) / 2),
                                rtol=2 * tol + ELEMENTWISE * U)
+
+
+def test_image_range_is_half_open_at_both_ends():
+    """The first and last image codes are images; the ids just outside are text (vocab: codes at
+    [start, stop))."""
+    start, stop = IMAGE_IDS
+    ids = jnp.array([start - 1, start, stop - 1, stop])
+    np.testing.assert_array_equal(loss_lib.is_image_token(ids, IMAGE_IDS), [False, True, True, False])
+    # ...and the per-modality sums split there too.
+    logits = jnp.zeros((1, 5, 16), jnp.float32)
+    _, sums = loss_lib.loss_and_metrics(logits, _batch([0, start, stop - 1, start - 1, stop], [1] * 5),
+                                        image_ids=IMAGE_IDS, z_loss_weight=0.0)
+    assert float(sums["image/tokens"]) == 2 and float(sums["text/tokens"]) == 2
