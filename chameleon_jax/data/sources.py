@@ -17,8 +17,9 @@ import ml_collections
 from chameleon_jax.data import synthetic
 
 
-def make_data_iterator(config, data_config=None):
-    """The resumable host-local batch iterator for `data_config` (default: config.data)."""
+def make_data_iterator(config, data_config=None, split: str = "train"):
+    """The resumable host-local batch iterator for `data_config` (default: config.data); split "eval"
+    reads data.eval_shards when the token sources come from the *_shards fields."""
     data_config = data_config if data_config is not None else config.data
     kind = data_config.get("kind", "synthetic")
     if kind == "synthetic":
@@ -31,7 +32,8 @@ def make_data_iterator(config, data_config=None):
 
         cfg = {k: v for k, v in data_config.to_dict().items() if k != "kind"}
         return pipeline.make_train_iterator(cfg, seq_len=config.train.seq_len, batch_size=config.train.batch_size,
-                                            total_steps=config.train.steps)
+                                            total_steps=config.train.steps, vocab_size=config.model.vocab_size,
+                                            split=split)
     raise ValueError(f"config.data.kind={kind!r}; choose 'synthetic' (built-in) or 'tokens' (pretokenized shards)")
 
 
@@ -44,6 +46,6 @@ def eval_data_config(config):
 
 def eval_batches(config):
     """The first config.eval.steps batches of the held-out source (a fresh iterator on every call)."""
-    it = make_data_iterator(config, eval_data_config(config))
+    it = make_data_iterator(config, eval_data_config(config), split="eval")
     for _ in range(int(config.eval.steps)):
         yield next(it)
