@@ -11,7 +11,7 @@ PACKAGE = "chameleon_jax"
 
 # Top-level modules that are programs (`python -m chameleon_jax.X`) and define their flags under
 # `if __name__ == "__main__"`. Every other program is a `__main__` module of a package.
-PROGRAM_MODULES = {"chameleon_jax.aot", "chameleon_jax.eval"}
+PROGRAM_MODULES = {"chameleon_jax.eval"}
 
 # Imports that define or parse command-line flags.
 FLAG_IMPORTS = {

@@ -5,6 +5,8 @@ compile-only devices. We build the config's mesh over them, give `jit_train_step
 batch (ShapeDtypeStructs carrying their shardings), compile, and read the per-chip memory from
 `compiled.memory_analysis()`. Nothing is allocated, so a 7B step for 64 chips compiles on a laptop.
 
+  report, compiled = compile_train_step(config, "v5p:4x4x4")    # the library; the program:
+
   python -m chameleon_jax.aot --config experiments/chameleon_7b.py --topology v5p:4x4x4
   python -m chameleon_jax.aot --config experiments/tiny.py --topology v5e:2x2 --json
   python -m chameleon_jax.aot --config experiments/tiny.py --topology v5e:2x2 \
@@ -266,28 +268,3 @@ def compile_train_step(config, topology: str) -> tuple[AotReport, object]:
     report.fits = report.total_bytes <= hbm
     return report, compiled
 
-
-def main(argv):
-    del argv
-    import json
-    config = _FLAGS.config
-    report, _ = compile_train_step(config, _FLAGS.topology)
-    if _FLAGS.json:
-        print(json.dumps(report.as_dict()))
-    else:
-        print("\n".join(report.lines()))
-
-
-if __name__ == "__main__":
-    # Flags live here so that model_info can import this module and define its own.
-    if not os.environ.get("JAX_PLATFORMS"):  # the host runs nothing: TPU devices are compile-only
-        jax.config.update("jax_platforms", "cpu")
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:4x4x4.", required=True)
-    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-    flags.mark_flags_as_required(["config"])
-    _FLAGS = flags.FLAGS
-    app.run(main)
