@@ -329,6 +329,10 @@ def test_sampler_matches_distribution_and_filters():
     # Frequencies over n=4000 draws: binomial std <= sqrt(0.25/4000) = 0.008, so 0.03 is 3.8 sigma
     # (fixed keys: the draws are the same on every machine unless the probabilities move).
     np.testing.assert_allclose(np.bincount(free, minlength=5) / n, [0.5, 0.3, 0.15, 0.05, 0.0], atol=0.03)
+    # Temperature 0.5 squares the probabilities before renormalising.
+    cold = np.asarray(draw(rows, jax.random.key(4), ones * 0.5, jnp.zeros((n,), jnp.int32), ones))
+    sq = np.array([0.5, 0.3, 0.15, 0.05, 0.0]) ** 2
+    np.testing.assert_allclose(np.bincount(cold, minlength=5) / n, sq / sq.sum(), atol=0.03)
     top_k = np.asarray(draw(rows, jax.random.key(1), ones, jnp.full((n,), 2, jnp.int32), ones))
     np.testing.assert_allclose(np.bincount(top_k, minlength=5) / n, [0.625, 0.375, 0, 0, 0], atol=0.03)
     top_p = np.asarray(draw(rows, jax.random.key(2), ones, jnp.zeros((n,), jnp.int32), ones * 0.85))
