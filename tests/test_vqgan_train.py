@@ -279,3 +279,43 @@ def test_image_inputs_name_the_fix_when_empty(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="--config.data.inputs"):
         vq_data.image_refs([str(tmp_path)])
+
+
+def test_image_batches_from_jsonl_tar_and_folder_resume_exactly(image_folder, tmp_path):
+    import io
+    import json
+    import tarfile
+
+    import ml_collections
+
+    pngs = sorted(p for p in image_folder.iterdir() if p.name.startswith("img"))
+    jsonl = tmp_path / "docs.jsonl"  # images named by documents, relative to the file
+    (tmp_path / "a.png").write_bytes(pngs[0].read_bytes())
+    jsonl.write_text(json.dumps({"image": "a.png", "caption": "a"}) + "\n" + json.dumps({"text": "no image"}) + "\n")
+    shard = tmp_path / "shard.tar"  # webdataset-style, no captions
+    with tarfile.open(shard, "w") as tar:
+        for i, p in enumerate(pngs[:3]):
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = p.stat().st_size
+            tar.addfile(info, io.BytesIO(p.read_bytes()))
+    refs = vq_data.image_refs([str(jsonl), str(shard), str(image_folder)])
+    assert len(refs) == 1 + 3 + 17  # the folder's broken.png is listed; it is skipped when decoded
+    assert np.array_equal(vq_data.load(refs[1], 16), vq_data.load(str(pngs[0]), 16))  # a tar member decodes
+
+    config = ml_collections.ConfigDict(dict(kind="images", inputs=f"{jsonl},{shard},{image_folder}", seed=3,
+                                            batch_size=4, image_size=16, threads=2))
+    eval_config = ml_collections.ConfigDict(dict(num_images=2, inputs=""))
+    it = vq_data.make_iterator(config, eval_config)
+    first = [next(it)["images"] for _ in range(3)]
+    assert all(b.shape == (4, 16, 16, 3) and b.dtype == np.float32 and np.abs(b).max() <= 1.0 for b in first)
+    state = it.get_state()
+    after = [next(it)["images"] for _ in range(6)]  # past the 19 training images: a reshuffled epoch
+    again = vq_data.make_iterator(config, eval_config)
+    again.set_state(state)
+    for a, b in zip(after, [next(again)["images"] for _ in range(6)]):
+        np.testing.assert_array_equal(a, b)
+    train_refs, held_refs = vq_data.split_inputs(config, eval_config)  # held back from training
+    assert len(held_refs) == 2 and len(train_refs) == len(refs) - 2
+    assert not set(map(str, held_refs)) & set(map(str, train_refs))
+    held, scenes = vq_data.eval_images(config, eval_config)
+    assert 1 <= held.shape[0] <= 2 and scenes is None  # fewer if broken.png is one of them

@@ -180,18 +180,17 @@ def make_iterator(data_config, eval_config=None):
     if data_config.batch_size % count:
         raise ValueError(f"data.batch_size={data_config.batch_size} does not split over {count} processes; "
                          f"use a multiple of {count}")
-    read = grain.ReadOptions(num_threads=int(data_config.get("threads", 2)), prefetch_buffer_size=2)
-    if kind == "shapes":
+    threads = int(data_config.get("threads", 2))
+    if kind == "shapes":  # one element is a whole batch: `threads` batches are drawn ahead
         ds = grain.MapDataset.source(ShapesBatches(data_config, index, count))
-        return iter(ds.to_iter_dataset(read))
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
     if kind == "images":
         train_refs, _ = split_inputs(data_config, eval_config or {})
         rows = data_config.batch_size // count
         ds = (grain.MapDataset.source(train_refs).shuffle(seed=int(data_config.seed)).repeat(None)
               [index::count].map(_Load(int(data_config.image_size))))
         # Undecodable images come out as None, which the iterator drops before batching.
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_config.get("threads", 8)),
-                                                  prefetch_buffer_size=4 * rows))
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2 * rows)))
         return iter(ds.batch(rows, drop_remainder=True))
     raise ValueError(f"config.data.kind={kind!r}; choose 'shapes' (procedural scenes) or 'images' "
                      "(data.inputs: image folders, JSONL, tar shards)")
