@@ -58,20 +58,20 @@ CHECKPOINT = ("tests/test_runner.py::test_eval_restores_params_only_on_one_devic
 
 MUTANTS = [
     # ---- loss ----
-    Mutant("loss: targets ignore the loss mask", "chameleon_jax/model/loss.py",
+    Mutant("loss: targets ignore the loss mask", "chameleon_jax/model/loss.py|chameleon_jax/train/loss.py",
            "weights = (seg == next_seg) & (next_seg != 0) & (next_mask != 0)",
            "weights = (seg == next_seg) & (next_seg != 0)", LOSS),
-    Mutant("loss: targets cross segment boundaries", "chameleon_jax/model/loss.py",
+    Mutant("loss: targets cross segment boundaries", "chameleon_jax/model/loss.py|chameleon_jax/train/loss.py",
            "weights = (seg == next_seg) & (next_seg != 0) & (next_mask != 0)",
            "weights = (next_seg != 0) & (next_mask != 0)", LOSS),
-    Mutant("loss: z-loss on lse, not lse^2", "chameleon_jax/model/loss.py",
+    Mutant("loss: z-loss on lse, not lse^2", "chameleon_jax/model/loss.py|chameleon_jax/train/loss.py",
            "z = jnp.square(lse)", "z = jnp.abs(lse)", LOSS),
-    Mutant("loss: mean over every position, not the targets", "chameleon_jax/model/loss.py",
+    Mutant("loss: mean over every position, not the targets", "chameleon_jax/model/loss.py|chameleon_jax/train/loss.py",
            "count = jnp.maximum(weights.sum(), 1.0)\n    z = jnp.square(lse)",
            "count = jnp.asarray(weights.size, jnp.float32)\n    z = jnp.square(lse)", LOSS),
-    Mutant("loss: fused backward drops the z-loss term", "chameleon_jax/model/loss.py",
+    Mutant("loss: fused backward drops the z-loss term", "chameleon_jax/model/loss.py|chameleon_jax/train/loss.py",
            "scale = weights[:, s:e] * (1.0 + 2.0 * z_loss_weight * lse_c)", "scale = weights[:, s:e]", LOSS),
-    Mutant("loss: image tokens counted as text", "chameleon_jax/model/loss.py",
+    Mutant("loss: image tokens counted as text", "chameleon_jax/model/loss.py|chameleon_jax/train/loss.py",
            "return (ids >= start) & (ids < stop)", "return (ids > start) & (ids < stop)", LOSS),
     # ---- packing and records ----
     Mutant("packing drops the records' loss masks", "chameleon_jax/data/packing.py",
