@@ -42,19 +42,15 @@ def main(argv):
     # A SIGTERM while joining the job would otherwise hit the default action (the notifier that owns the
     # signal in a multi-process run is installed inside initialize): remember it, then hand it on.
     early: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
     init_distributed()
     import jax
 
-    if jax.process_count() > 1:  # jax's preemption notifier now owns SIGTERM (train.preemption)
-        if early:  # to the notifier; note jax honours a notice only once a sync point was asked for
-            signal.raise_signal(signal.SIGTERM)
-    else:
-        signal.signal(signal.SIGTERM, previous)
-        if early:
-            print("SIGTERM before the run started: nothing trained, nothing to save", file=sys.stderr)
-            return
+    from chameleon_jax.train import preemption
 
+    if early and jax.process_count() == 1:
+        print("SIGTERM before the run started: nothing trained, nothing to save", file=sys.stderr)
+        return
     from chameleon_jax import checkpoint as ckpt
     from chameleon_jax.train import runner
 
@@ -63,7 +59,13 @@ def main(argv):
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        result = runner.train(flags.FLAGS.config, flags.FLAGS.workdir)
+        # Entered before the task is built, so a signal from here on (data, restore, first compile) is
+        # honoured at the first step boundary on every process. One remembered above is handed on now:
+        # to StopSignal's handler (one process) or to jax's preemption notifier (several).
+        with preemption.StopSignal() as stop:
+            if early:
+                signal.raise_signal(signal.SIGTERM)
+            result = runner.train(flags.FLAGS.config, flags.FLAGS.workdir, stop)
     except runner.NonFiniteError as e:
         logging.getLogger("chameleon_jax.train").error("%s", e)
         sys.exit(3)

@@ -5,8 +5,13 @@ others, and the hosts of a job must save the same step (each writes its part of 
 
 - One process: a Python handler sets a flag; the loop saves at the next step boundary.
 - Several processes (jax.distributed): jax's preemption sync manager owns SIGTERM. Its notifier tells the
-  coordination service, which picks a step every host has not reached yet (the largest current step
-  + 1); `multihost_utils.reached_preemption_sync_point(step)` turns True on every host at that step.
+  coordination service, which picks a sync-point id no host has passed (the largest id any host has
+  asked about, 0 before any, + 1); `multihost_utils.reached_preemption_sync_point(id)` turns True on
+  every host at that id. The ids are this process's count of questions (module-level, as jax's state
+  is), not train steps: every host asks the same questions in the same order, so the counts agree. A
+  notice while a run resumed at step k restores or compiles thus picks id 1, the loop's first question;
+  with train steps as ids it picked 1 too, a step that run never asks about, and the signal was lost.
+  StopSignal asks id 0 on entering (right after jax.distributed.initialize, in the train program).
   No collective runs per step: a step-by-step all-gather of the flag would make every host wait for
   each step's device work before dispatching the next. A Python SIGTERM handler would replace the
   notifier's, so only SIGINT gets one here, and it re-raises itself as SIGTERM for the notifier.
@@ -17,6 +22,7 @@ stops every other process after `heartbeat_timeout_seconds` of jax.distributed.i
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 
@@ -27,6 +33,9 @@ from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
+# Sync-point ids asked about in this process, 0, 1, 2, ...; the same sequence on every process.
+_sync_ids = itertools.count()
+
 
 def _sync_manager_running() -> bool:
     return (jax.process_count() > 1 and distributed.global_state.client is not None
@@ -34,7 +43,10 @@ def _sync_manager_running() -> bool:
 
 
 class StopSignal:
-    """`with StopSignal() as stop: ... if stop.agreed(step): save and exit`."""
+    """`with StopSignal() as stop: ... if stop.agreed(): save and exit`.
+
+    Enter it as early as the program can (right after jax.distributed.initialize) and pass it down, so a
+    signal during task building, restore or the first compile is honoured at the first step boundary."""
 
     def __init__(self):
         self.received = None
@@ -48,7 +60,13 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: no handlers, no preemption saves
                 pass
+        if self._pod:
+            self._reached_next_sync_point()  # id 0
         return self
+
+    @staticmethod
+    def _reached_next_sync_point() -> bool:
+        return multihost_utils.reached_preemption_sync_point(next(_sync_ids))
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
@@ -62,8 +80,10 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, step: int) -> bool:
-        """True on every process at the same step once any process got a signal. Call it every step."""
+    def agreed(self) -> bool:
+        """True on every process at the same call once any process got a signal.
+
+        Call it once per step, at the step boundary, on every process (the calls are the sync points)."""
         if not self._pod:
             flag = self.received is not None
             if jax.process_count() == 1:
@@ -71,7 +91,7 @@ class StopSignal:
             # Several processes without the sync manager (jax_enable_preemption_service off): agree by an
             # all-gather of the flag, which waits for each step's device work.
             return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-        if multihost_utils.reached_preemption_sync_point(step):
+        if self._reached_next_sync_point():
             self.received = self.received or "SIGTERM (on some host)"
             return True
         return False

@@ -149,6 +149,8 @@ def make_task(config: ml_collections.ConfigDict) -> trainer.Task:
                         "or check the data")
 
 
-def train(config: ml_collections.ConfigDict, workdir) -> trainer.Result:
-    """Trains the LM of `config` in `workdir`, resuming from its latest checkpoint if it has one."""
-    return trainer.run(make_task(config), workdir)
+def train(config: ml_collections.ConfigDict, workdir, stop: trainer.StopSignal | None = None) -> trainer.Result:
+    """Trains the LM of `config` in `workdir`, resuming from its latest checkpoint if it has one.
+
+    `stop`: the program's StopSignal, entered before the task is built (see trainer.run)."""
+    return trainer.run(make_task(config), workdir, stop)

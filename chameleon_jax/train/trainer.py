@@ -201,7 +201,11 @@ def _progress(name: str, total: int, initial: int, enabled: bool):
 # ------------------------------------------------------------------------------------------------
 # The loop.
 # ------------------------------------------------------------------------------------------------
-def run(task: Task, workdir: str | epath.Path) -> Result:
+def run(task: Task, workdir: str | epath.Path, stop: StopSignal | None = None) -> Result:
+    """`stop`: a StopSignal the program entered earlier (right after jax.distributed.initialize), so
+    that a signal while the task was built is honoured too; without one, signals are taken from here."""
+    if stop is not None:
+        return _run(task, workdir, stop)
     # SIGTERM/SIGINT are taken from here on, so one that arrives during restore or the first step's
     # compile is honoured at the first agreed step boundary instead of killing the process.
     with StopSignal() as stop:
@@ -351,7 +355,7 @@ def _run(task: Task, workdir: str | epath.Path, stop: StopSignal) -> Result:
             if step % loop.checkpoint_every == 0 or step == total_steps:
                 flush()  # log up to this step before its checkpoint can exist
                 save(step, force=True)
-            if stop.agreed(step):
+            if stop.agreed():
                 flush()
                 if window.steps:  # the partial window, so that no step goes unlogged
                     last_metrics = log_window(step, window, time.perf_counter() - window_start)
