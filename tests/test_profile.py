@@ -3,16 +3,32 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from chameleon_jax.train import goodput as goodput_lib
 from chameleon_jax.train import metrics as metrics_lib
 from chameleon_jax.train import profiling
-from test_config import load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_fresh(code: str) -> None:
+    """Runs `code` in a new Python process on the CPU backend.
+
+    Tracing happens in a fresh process because the AOT tests of this suite load libtpu into the test
+    process for compile-only TPU devices, and once it is loaded jax 0.10.2's `start_trace` crashes the
+    process against libtpu 0.0.52's profiler plugin ("Unexpected PLUGIN_Profiler_Api size").
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 def traced_steps(folder) -> list[int]:
@@ -34,14 +50,18 @@ def test_profile_steps_are_checked():
 
 
 def test_profiler_traces_exactly_the_chosen_steps(tmp_path):
-    profiler = profiling.StepProfiler("3:5", tmp_path)
-    step = jax.jit(lambda x: jnp.tanh(x) @ x)
-    x = jnp.ones((64, 64))
-    for n in range(1, 7):
-        with profiler.step(n):
-            x = step(x)
-        profiler.after(n, x)
-    profiler.close()
+    run_fresh(f"""
+        import jax, jax.numpy as jnp
+        from chameleon_jax.train import profiling
+        profiler = profiling.StepProfiler("3:5", {str(tmp_path)!r})
+        step = jax.jit(lambda x: jnp.tanh(x) @ x)
+        x = jnp.ones((64, 64))
+        for n in range(1, 7):
+            with profiler.step(n):
+                x = step(x)
+            profiler.after(n, x)
+        profiler.close()
+    """)
     run = tmp_path / "profile" / "process_0" / "plugins" / "profile"
     assert list(run.glob("*/*.xplane.pb"))  # TensorBoard's profile plugin / XProf
     assert traced_steps(run) == [3, 4]
@@ -50,10 +70,14 @@ def test_profiler_traces_exactly_the_chosen_steps(tmp_path):
 def test_profile_goes_to_a_bucket_workdir(gcs, tmp_path):
     # jax.profiler writes local files only; the trace must still land in a gs:// workdir.
     workdir = gcs.new_bucket() + "/run"
-    profiler = profiling.StepProfiler("1:2", workdir)
-    with profiler.step(1):
-        y = jax.jit(lambda x: x * 2)(jnp.ones(8))
-    profiler.after(1, y)
+    run_fresh(f"""
+        import jax, jax.numpy as jnp
+        from chameleon_jax.train import profiling
+        profiler = profiling.StepProfiler("1:2", {workdir!r})
+        with profiler.step(1):
+            y = jax.jit(lambda x: x * 2)(jnp.ones(8))
+        profiler.after(1, y)
+    """)
     objects = gcs.object_sizes(workdir + "/profile/process_0/")
     assert any(name.endswith(".xplane.pb") and size > 0 for name, size in objects.items()), objects
     assert any(name.endswith("perfetto_trace.json.gz") for name in objects), objects
@@ -80,13 +104,17 @@ def test_goodput_parts_add_up_to_wall_time():
 
 
 def test_a_run_writes_its_profile_and_goodput(tmp_path):
-    from chameleon_jax.train import runner
-
-    config = load("tiny")
-    config.train.update(steps=6, log_every=2, eval_every=0)
-    config.checkpoint.every = 2
-    config.profile.steps = "3:5"
-    runner.train(config, tmp_path)
+    run_fresh(f"""
+        import sys
+        sys.path.insert(0, "tests")
+        from test_config import load
+        from chameleon_jax.train import runner
+        config = load("tiny")
+        config.train.update(steps=6, log_every=2, eval_every=0)
+        config.checkpoint.every = 2
+        config.profile.steps = "3:5"
+        runner.train(config, {str(tmp_path)!r})
+    """)
     assert traced_steps(tmp_path / "profile" / "process_0") == [3, 4]
     rows = [r for r in metrics_lib.read_metrics(tmp_path) if "goodput/wall_s" in r]
     assert [r["step"] for r in rows] == [2, 4, 6]
