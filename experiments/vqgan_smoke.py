@@ -2,7 +2,7 @@
 
     python -m chameleon_jax.vqgan.train --config experiments/vqgan_smoke.py --workdir /tmp/vqgan_smoke
 
-Targets on held-out scenes within 10 minutes on 2 vCPUs (issue 3): PSNR >= 28 dB, codebook usage >= 80%,
+Targets on held-out scenes within 10 minutes on 2 vCPUs: PSNR >= 28 dB, codebook usage >= 80%,
 shape analyzer exact on >= 95% of reconstructions. Variant `:tiny` is the unit-test size; `:patch`
 swaps in the patch-local encoder (not Chameleon's) that the text<->image smoke experiment uses.
 """
