@@ -27,6 +27,7 @@ from chameleon_jax import storage
 from chameleon_jax import vocab as V
 from chameleon_jax.data import records, shards
 from chameleon_jax.train import metrics as metrics_lib
+from test_runner import assert_bitwise_equal
 
 
 def test_paths_stay_urls():
@@ -260,17 +261,6 @@ def committed_steps(workdir) -> list[int]:
 def logged(workdir):
     return {(r["step"], k): v for r in metrics_lib.read_metrics(workdir) for k, v in r.items()
             if k.startswith(("train/", "eval/"))}
-
-
-def host(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-def assert_bitwise_equal(a, b):
-    la, lb = jax.tree_util.tree_leaves_with_path(host(a)), jax.tree.leaves(host(b))
-    assert len(la) == len(lb)
-    for (path, x), y in zip(la, lb):
-        assert x.dtype == y.dtype and np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs"
 
 
 class Child:
