@@ -30,6 +30,11 @@ import sys
 
 import yaml
 
+if __package__:  # imported as launch.gke
+    from launch import training
+else:  # run as `python launch/gke.py`: launch/ is on sys.path
+    import training
+
 # GKE node selector value and chips per host, per TPU generation.
 ACCELERATORS = {
     "v4": ("tpu-v4-podslice", 4),
@@ -41,7 +46,6 @@ REPLICATED_JOB = "slice"
 TPU_RUNTIME_PORT = 8471   # the TPU runtime's own port, as XPK declares it
 MEGASCALE_PORT = 8080     # cross-slice (DCN) transfers
 JAX_COORDINATOR_PORT = 8482  # jax._src.clusters.cloud_tpu_cluster.coordinator_port
-NON_FINITE_EXIT = 3       # chameleon_jax.train: the loss stayed non-finite; a restart would repeat it
 
 
 def train_command(train_args: list[str], num_slices: int = 1) -> list[str]:
@@ -79,28 +83,7 @@ def pod_environment(args, n_hosts: int, workdir: str) -> list[dict]:
             {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": "$(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.$(JOBSET_NAME)"},
             {"name": "MEGASCALE_PORT", "value": str(MEGASCALE_PORT)},
         ]
-    return env + [{"name": k, "value": v} for k, v in user_environment(args, workdir).items()]
-
-
-def user_environment(args, workdir: str) -> dict[str, str]:
-    """Variables for the training itself, beside what the TPU cluster needs."""
-    env = {"PYTHONUNBUFFERED": "1"}
-    if args.compile_cache != "none":
-        # A restarted JobSet loads the compiled step instead of compiling it again (minutes at 7B).
-        env["JAX_COMPILATION_CACHE_DIR"] = args.compile_cache or f"{workdir.rstrip('/')}/jax_cache"
-    for kv in args.env:
-        key, _, value = kv.partition("=")
-        env[key] = value
-    return env
-
-
-def workdir_of(train_args: list[str]) -> str:
-    for i, a in enumerate(train_args):
-        if a.startswith("--workdir="):
-            return a.split("=", 1)[1]
-        if a == "--workdir" and i + 1 < len(train_args):
-            return train_args[i + 1]
-    return ""
+    return env + [{"name": k, "value": v} for k, v in training.environment(args, workdir).items()]
 
 
 def jobset_manifest(args, train_args: list[str]) -> dict:
@@ -110,7 +93,7 @@ def jobset_manifest(args, train_args: list[str]) -> dict:
         "name": "train",
         "image": args.image,
         "command": train_command(train_args, args.num_slices),
-        "env": pod_environment(args, n, workdir_of(train_args)),
+        "env": pod_environment(args, n, training.workdir_of(train_args)),
         "ports": [{"containerPort": p} for p in (TPU_RUNTIME_PORT, MEGASCALE_PORT, JAX_COORDINATOR_PORT)],
         "securityContext": {"privileged": True},
         "resources": {"limits": {"google.com/tpu": per_host}},
@@ -141,7 +124,7 @@ def jobset_manifest(args, train_args: list[str]) -> dict:
     job = {"parallelism": n, "completions": n, "completionMode": "Indexed", "backoffLimit": 0,
            # A non-finite loss fails the Job with reason PodFailurePolicy, which the JobSet does not restart.
            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-               "containerName": "train", "operator": "In", "values": [NON_FINITE_EXIT]}}]},
+               "containerName": "train", "operator": "In", "values": [training.NON_FINITE_EXIT]}}]},
            "template": pod}
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
@@ -160,7 +143,7 @@ def jobset_manifest(args, train_args: list[str]) -> dict:
 
 def xpk_command(args, train_args: list[str]) -> list[str]:
     # XPK sets the TPU and multi-slice environment itself; the command adds the training's own.
-    env = user_environment(args, workdir_of(train_args))
+    env = training.environment(args, training.workdir_of(train_args))
     command = "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items()) + shlex.join(
         train_command(train_args, args.num_slices))
     return ["xpk", "workload", "create", "--cluster", args.cluster, "--workload", args.name,
@@ -184,8 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--service-account", default=None, help="Kubernetes service account with bucket access")
     p.add_argument("--data-bucket", default=None, help="bucket (or bucket/folder) mounted read-only with gcsfuse")
     p.add_argument("--data-mount", default="/mnt/data", help="where --data-bucket is mounted in the container")
-    p.add_argument("--compile-cache", default="", help="JAX compilation cache (default WORKDIR/jax_cache; 'none')")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
+    training.add_environment_flags(p)
     p.add_argument("--xpk", action="store_true", help="print/run an XPK command instead of a JobSet manifest")
     p.add_argument("--cluster", default=None, help="GKE cluster (XPK)")
     p.add_argument("--xpk-size", default=None, help="XPK size suffix, e.g. 128 for v5p-128 (default: 2 x chips "
@@ -195,13 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the train flags")
     args = p.parse_args(argv)
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    workdir = workdir_of(train_args)
-    if not workdir:
-        p.error("pass the train flags after --, at least --config experiments/X.py --workdir gs://BUCKET/run")
-    if not workdir.startswith("gs://"):
-        p.error(f"--workdir {workdir} is not a bucket: every pod writes its part of each checkpoint and a restart "
-                f"may land on other nodes; use --workdir gs://BUCKET/run")
+    train_args = training.train_flags(args.train_args)
+    training.check_train_flags(p, train_args)
     if args.xpk:
         if not args.cluster:
             p.error("--xpk needs --cluster")

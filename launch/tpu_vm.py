@@ -29,11 +29,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __package__:  # imported as launch.tpu_vm
+    from launch import training
+else:  # run as `python launch/tpu_vm.py`: launch/ is on sys.path
+    import training
+
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_DIR = "chameleon_jax"  # under each worker's home
 TARBALL = "/tmp/chameleon_jax_src.tar.gz"
 LOG = "~/train.log"
-NON_FINITE_EXIT = 3  # chameleon_jax.train exits 3 when the loss stays non-finite: a rerun repeats it
 # Seconds an ssh-started training gets to save after SIGTERM before the preempt action sends SIGKILL.
 GRACE_S = 300
 
@@ -50,29 +54,6 @@ def workers_of(accelerator: str) -> int:
 
 def train_command(train_args: list[str]) -> list[str]:
     return ["python3", "-m", "chameleon_jax.train", "--distributed", *train_args]
-
-
-def workdir_of(train_args: list[str]) -> str:
-    """The value of --workdir (either `--workdir X` or `--workdir=X`), '' if absent."""
-    for i, a in enumerate(train_args):
-        if a.startswith("--workdir="):
-            return a.split("=", 1)[1]
-        if a == "--workdir" and i + 1 < len(train_args):
-            return train_args[i + 1]
-    return ""
-
-
-def environment(args, train_args: list[str]) -> dict[str, str]:
-    """What every worker's training process gets, beside the TPU runtime's own variables."""
-    env = {"PYTHONUNBUFFERED": "1"}
-    workdir = workdir_of(train_args)
-    if args.compile_cache != "none":
-        # A restarted pod then loads the compiled step instead of compiling it again (minutes at 7B).
-        env["JAX_COMPILATION_CACHE_DIR"] = args.compile_cache or f"{workdir.rstrip('/')}/jax_cache"
-    for kv in args.env:
-        key, _, value = kv.partition("=")
-        env[key] = value
-    return env
 
 
 def remote_train_script(command: list[str], env: dict[str, str], remote_dir: str = f"~/{REMOTE_DIR}",
@@ -122,7 +103,8 @@ def setup_commands(args) -> list[list[str]]:
 
 
 def train_ssh(args, train_args: list[str]) -> list[str]:
-    script = remote_train_script(train_command(train_args), environment(args, train_args))
+    env = training.environment(args, training.workdir_of(train_args))
+    script = remote_train_script(train_command(train_args), env)
     return [*TPU, "ssh", args.name, "--worker=all", *_loc(args), "--command", "bash -c " + shlex.quote(script)]
 
 
@@ -149,7 +131,7 @@ def after_failure(rc: int, state: str, restarts_done: int, max_restarts: int) ->
     """What to do once training exited with `rc`: 'done', 'give_up', 'rerun' or 'recreate'."""
     if rc == 0:
         return "done"
-    if rc == NON_FINITE_EXIT or restarts_done >= max_restarts:
+    if rc == training.NON_FINITE_EXIT or restarts_done >= max_restarts:
         return "give_up"
     return "recreate" if state.strip() in ("PREEMPTED", "TERMINATED", "") else "rerun"
 
@@ -226,9 +208,7 @@ def main(argv=None) -> int:
         p.add_argument("--data-bucket", default=None, help="bucket (or bucket/folder) mounted read-only with "
                                                            "gcsfuse on every worker")
         p.add_argument("--data-mount", default="/mnt/data", help="where --data-bucket is mounted")
-        p.add_argument("--compile-cache", default="", help="JAX compilation cache (default WORKDIR/jax_cache; "
-                                                           "'none' to disable)")
-        p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
+        training.add_environment_flags(p)
         p.add_argument("--max-restarts", type=int, default=3, help="reruns after a failure or preemption")
         p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the train flags (--config, --workdir, ...)")
     args = p.parse_args(argv)
@@ -239,13 +219,8 @@ def main(argv=None) -> int:
             print("\n".join(shlex.join(c) for c in cmds))
             return 0
         return run_in_order(cmds)
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    workdir = workdir_of(train_args)
-    if not workdir or not any(a.startswith("--config") for a in train_args):
-        p.error("pass the train flags after --, at least --config experiments/X.py --workdir gs://BUCKET/run")
-    if not workdir.startswith("gs://"):
-        p.error(f"--workdir {workdir} is not a bucket: every host writes its part of each checkpoint and a "
-                f"restart may land on new VMs; use --workdir gs://BUCKET/run")
+    train_args = training.train_flags(args.train_args)
+    training.check_train_flags(p, train_args)
     if args.dry_run:
         for c in commands(args, train_args):
             print(shlex.join(c))

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from launch import gke, local, tpu_vm
+from launch import gke, local, tpu_vm, training
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--config", "experiments/chameleon_7b.py", "--workdir", "gs://bucket/run"]
@@ -87,7 +88,7 @@ def test_tpu_vm_restart_policy():
     assert decide(1, "READY\n", 0, 3) == "rerun"          # a crashed host: rerun on the same slice
     assert decide(137, "PREEMPTED\n", 1, 3) == "recreate"  # the slice is gone: create it again
     assert decide(1, "READY", 3, 3) == "give_up"           # restarts used up
-    assert decide(tpu_vm.NON_FINITE_EXIT, "READY", 0, 3) == "give_up"  # would diverge again
+    assert decide(training.NON_FINITE_EXIT, "READY", 0, 3) == "give_up"  # would diverge again
 
 
 def test_tpu_vm_mounts_the_data_bucket_sets_the_environment_and_needs_a_bucket_workdir():
@@ -111,6 +112,17 @@ def test_tpu_vm_reuse_and_keep_skip_create_and_delete():
                                             "--reuse", "--keep", "--dry-run", "--", *TRAIN).splitlines()]
     verbs = [c[4] if c[0] == "gcloud" else c[0] for c in cmds]
     assert verbs == ["git", "scp", "ssh", "ssh", "scp"]  # v6e-8 is one host
+
+
+@pytest.mark.parametrize("script, own", [("tpu_vm.py", ["--name", "c", "--zone", "z"]),
+                                         ("gke.py", ["--name", "c", "--image", "img:1"])])
+def test_pod_launchers_refuse_a_local_workdir_and_missing_train_flags(script, own):
+    # Both run as scripts and share launch/training.py's checks (imported as a sibling module).
+    for train, says in ((["--config", "x.py", "--workdir", "/tmp/run"], "use --workdir gs://BUCKET/run"),
+                        (["--workdir", "gs://b/run"], "at least --config")):
+        bad = subprocess.run([sys.executable, str(REPO / "launch" / script), *own, "--dry-run", "--", *train],
+                             capture_output=True, text=True, timeout=60, cwd="/")
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
 
 
 def test_worker_counts():
