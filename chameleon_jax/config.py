@@ -9,7 +9,7 @@ import re
 
 import ml_collections
 
-from chameleon_jax.model.config import REMAT_POLICIES, ModelConfig
+from chameleon_jax.model.config import ATTENTION_KERNELS, REMAT_POLICIES, ModelConfig
 from chameleon_jax.model.sharding import MESH_AXES, mesh_shape, slice_layout
 
 CHAMELEON_IMAGE_IDS = (4, 4 + 8192)  # image codes are ids 4..8195 (spec §4.7)
@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=65_536, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=0,
         ffn_dim=0, ffn_multiple_of=256, ffn_multiplier=1.0, qk_norm_groups=1, block_order="prenorm",
         rope_theta=10_000.0, norm_eps=1e-5, dropout=0.0, init_std=0.02, scan_layers=True,
-        remat="none", dtype="float32", param_dtype="float32"))
+        remat="none", attention="auto", dtype="float32", param_dtype="float32"))
     c.loss = ml_collections.ConfigDict(dict(image_ids=CHAMELEON_IMAGE_IDS, z_loss_weight=1e-5))
     c.optimizer = ml_collections.ConfigDict(dict(
         peak_lr=1e-4, warmup_steps=4000, decay="exponential", final_lr_fraction=0.01,
@@ -84,6 +84,12 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
         errors.append(f"model.block_order={m.block_order!r}; choose 'prenorm' (7B) or 'swin' (34B).")
     if m.remat not in REMAT_POLICIES:
         errors.append(f"model.remat={m.remat!r}; choose one of {REMAT_POLICIES}.")
+    if m.attention not in ATTENTION_KERNELS:
+        errors.append(f"model.attention={m.attention!r}; choose one of {ATTENTION_KERNELS} "
+                      f"('auto' = splash on TPU, the XLA path elsewhere).")
+    elif m.attention == "splash" and config.train.seq_len % 128:
+        errors.append(f"model.attention='splash' tiles the sequence in blocks of a multiple of 128 rows, but "
+                      f"train.seq_len={config.train.seq_len}; use a multiple of 128 or model.attention='xla'.")
     if not 0.0 <= m.dropout < 1.0:
         errors.append(f"model.dropout={m.dropout} must be in [0, 1).")
     start, stop = config.loss.image_ids

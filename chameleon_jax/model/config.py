@@ -10,6 +10,9 @@ from typing import Literal
 
 BlockOrder = Literal["prenorm", "swin"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_block_outputs")
+# Self-attention kernel for training and prefill (model/splash.py): "auto" = the Pallas splash kernel
+# when the step is compiled for TPU devices, the XLA path (attention.causal_self_attention) elsewhere.
+ATTENTION_KERNELS = ("auto", "xla", "splash")
 
 
 def swiglu_hidden_size(d_model: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:
@@ -39,6 +42,8 @@ class ModelConfig:
     # Query rows per block in training attention; blocks above the causal diagonal are skipped
     # (attention.causal_self_attention). 0 = one block. Any length works (the last block is ragged).
     attention_block: int = 64
+    # "auto" | "xla" | "splash" (ATTENTION_KERNELS); cached single-token decoding always uses XLA.
+    attention: str = "auto"
     dtype: str = "float32"        # activations / matmul inputs
     param_dtype: str = "float32"  # stored weights
 

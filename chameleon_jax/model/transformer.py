@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from chameleon_jax.model import splash
 from chameleon_jax.model.attention import (apply_rope, attention_mask, causal_self_attention,
                                           dot_product_attention, rope_table)
 from chameleon_jax.model.config import ModelConfig
@@ -83,6 +84,7 @@ class Attention(nnx.Module):
         self.q_norm = GroupedHeadNorm(cfg.qk_norm_groups, h, pd)
         self.k_norm = GroupedHeadNorm(cfg.qk_norm_groups, h, pd)
         self.attention_block = cfg.attention_block
+        self.attention_kernel = cfg.attention
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x, rope, mask_inputs, cache: Cache | None = None, cache_index=None):
@@ -94,16 +96,22 @@ class Attention(nnx.Module):
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         q = apply_rope(self.q_norm(q), rope)
         k = apply_rope(self.k_norm(k), rope)
+        # Training and prefill (a static cache offset of 0: no query sees a key past its own rows) are
+        # self-attention over these rows, which the splash kernel can do; cached decoding is not.
+        t = q.shape[1]
+        prefill = cache is not None and isinstance(cache_index, int) and cache_index == 0 and t > 1
+        rows_k, rows_v = k, v
         if cache is not None:
             # Write this step's keys/values at the cache offset, then attend over the whole cache.
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
             cache = {"k": k, "v": v}
-        mask = attention_mask(*mask_inputs)
-        if cache is None:  # training / full-sequence scoring: keys are these rows, causal by offset
-            out = causal_self_attention(q, k, v, mask, self.attention_block)
+        if (cache is None or prefill) and splash.kernel_for(self.attention_kernel, t, prefill=prefill) == "splash":
+            out = splash.causal_attention(q, rows_k, rows_v, mask_inputs[0], mask_inputs[1][:, :t])
+        elif cache is None:  # training / full-sequence scoring: keys are these rows, causal by offset
+            out = causal_self_attention(q, k, v, attention_mask(*mask_inputs), self.attention_block)
         else:
-            out = dot_product_attention(q, k.astype(dt), v.astype(dt), mask)
+            out = dot_product_attention(q, k.astype(dt), v.astype(dt), attention_mask(*mask_inputs))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(dt)), cache
 
