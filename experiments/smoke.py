@@ -43,8 +43,8 @@ def get_config(arg=None):
         text_vocab_size=384,      # 7 reserved + 256 byte-fallback ids + 121 learned: every caption word whole
         vqgan_config="experiments/vqgan_smoke.py:patch",  # patch-local codes: see that file
         # Fixed step count instead of the VQ-GAN config's wall-clock budget: same seed, same tokenizer.
-        vqgan_overrides={"train": {"time_budget_s": 0, "steps": 1200, "eval_every": 1200,
-                                   "checkpoint_every": 300}, "optim": {"decay_steps": 1200},
+        vqgan_overrides={"train": {"time_budget_s": 0, "steps": 1200, "eval_every": 1200},
+                         "checkpoint": {"every": 300}, "optim": {"decay_steps": 1200},
                          "disc_optim": {"decay_steps": 1200}},
         caption_tokens=64,        # generation budget for a caption (held-out captions: at most 18 pieces)
         image_temperature=0.0,    # 0 = greedy image codes
@@ -57,6 +57,6 @@ def get_config(arg=None):
         c.train.update(steps=60, log_every=20, eval_every=60)
         c.checkpoint.every = 60
         c.smoke.update(train_pairs=600, train_texts=100, heldout_pairs=64, eval_scenes=16)
-        c.smoke.vqgan_overrides = {"train": {"time_budget_s": 0, "steps": 20, "eval_every": 20,
-                                             "checkpoint_every": 20}, "eval": {"num_images": 16}}
+        c.smoke.vqgan_overrides = {"train": {"time_budget_s": 0, "steps": 20, "eval_every": 20},
+                                   "checkpoint": {"every": 20}, "eval": {"num_images": 16}}
     return c

@@ -22,9 +22,9 @@ def get_config(arg=None):
     c.optim = dict(lr=4.5e-6 * 8, b1=0.5, b2=0.9, warmup_steps=0, decay_steps=1_000_000, final_lr_fraction=1.0,
                    grad_clip=0.0)  # taming: lr = batch × 4.5e-6, constant
     c.disc_optim = dict(c.optim)
-    c.data = dict(kind="images", inputs="", seed=0, batch_size=8, image_size=512,
+    c.data = dict(kind="images", inputs="", seed=0, image_size=512,
                   threads=8)  # image decoding threads per process
-    c.train = dict(steps=500_000, log_every=50, eval_every=5000, checkpoint_every=2000, keep_checkpoints=3,
-                   time_budget_s=0, max_bad_steps=10)
+    c.train = dict(steps=500_000, batch_size=8, log_every=50, eval_every=5000, time_budget_s=0, max_bad_steps=10)
+    c.checkpoint = dict(every=2000, keep=3)
     c.eval = dict(num_images=64, lpips=True, inputs="")  # inputs: a held-out set (default: held back from data)
     return c

@@ -26,16 +26,17 @@ def get_config(arg=None):
     c.disc_optim = dict(lr=2e-4, b1=0.5, b2=0.9, warmup_steps=0, decay_steps=4000, final_lr_fraction=1.0, grad_clip=0.0)
     # scenes drawn uniformly over distinct scenes (mostly two objects), like the held-out evaluation; the
     # corpora's 50% single-object draws would repeat the same ~290 training scenes in half the batch
-    c.data = dict(kind="shapes", seed=0, batch_size=8, image_size=64, uniform_scenes=True, threads=2,
+    c.data = dict(kind="shapes", seed=0, image_size=64, uniform_scenes=True, threads=2,
                   inputs="")  # kind="images": image folders / JSONL / tar shards, comma-separated
     # 0.14-0.45 s/step on 2 vCPUs (one device per core), depending on the neighbours: `fit_to_budget`
     # plans as many steps as fit the 540 s budget (up to `steps`; decay lengths scale with the plan), so
     # the schedule always ends decayed; the budget leaves room for compile and the final eval
-    c.train = dict(steps=4000, log_every=25, eval_every=4000, checkpoint_every=250, keep_checkpoints=2,
+    c.train = dict(steps=4000, batch_size=8, log_every=25, eval_every=4000,
                    time_budget_s=540,  # stop (and export) early when the wall-clock budget is spent
                    fit_to_budget=True,
                    ema_decay=0.99,  # evaluate and export a Polyak average of the weights (~100-step window)
                    max_bad_steps=10)  # non-finite steps are skipped; this many in a row stop the run
+    c.checkpoint = dict(every=250, keep=2)
     c.eval = dict(num_images=256, lpips=False, inputs="")
     if arg == "patch":  # the smoke experiment's tokenizer: patch-local codes (model.encoder_kind docs)
         c.model.update(encoder_kind="patch", patch_hidden=256)
@@ -46,8 +47,9 @@ def get_config(arg=None):
         c.train.update(ema_decay=0.0, fit_to_budget=False)
     if arg == "tiny":  # unit tests: a few seconds per step even under load
         c.model.update(ch=32, ch_mult=(1, 2), z_channels=32, embed_dim=8, n_embed=64, resolution=16)
-        c.data.update(batch_size=8, image_size=16)
+        c.data.update(image_size=16)
+        c.checkpoint.every = 1
         c.loss.update(disc_weight=0.8, disc_start=1, disc_ndf=32, disc_layers=1)
-        c.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=1, fit_to_budget=False, time_budget_s=0)
+        c.train.update(steps=2, batch_size=8, log_every=1, eval_every=2, fit_to_budget=False, time_budget_s=0)
         c.eval.num_images = 8
     return c

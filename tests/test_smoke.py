@@ -16,7 +16,7 @@ def _tiny_config():
     c.eval.steps = 1
     c.smoke.update(train_pairs=24, train_texts=4, heldout_pairs=8, eval_scenes=4, caption_tokens=6, grid_examples=4,
                    vqgan_config="experiments/vqgan_smoke.py:tiny")
-    c.smoke.vqgan_overrides = {"train": {"time_budget_s": 0, "steps": 2, "eval_every": 2, "checkpoint_every": 2}}
+    c.smoke.vqgan_overrides = {"train": {"time_budget_s": 0, "steps": 2, "eval_every": 2}, "checkpoint": {"every": 2}}
     return c
 
 

@@ -31,8 +31,8 @@ from chameleon_jax.vqgan.train import budget, data as vq_data
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10  # the reference run; checkpoints every 2
-OVERRIDES = {"data.kind": "images", "data.threads": 2, "train.steps": STEPS, "train.checkpoint_every": 2,
-             "train.keep_checkpoints": 10, "train.ema_decay": 0.9, "train.eval_every": 0, "eval.num_images": 4}
+OVERRIDES = {"data.kind": "images", "data.threads": 2, "train.steps": STEPS, "checkpoint.every": 2,
+             "checkpoint.keep": 10, "train.ema_decay": 0.9, "train.eval_every": 0, "eval.num_images": 4}
 
 
 def smoke_config(arg=None):
@@ -128,9 +128,10 @@ def test_one_step_keeps_a_unit_codebook_and_averages_the_weights():
     c.train.ema_decay = 0.999
     state = T.init_state(c, jax.random.key(0))
     before = host(state["params"])
-    x = vq_data.shapes_batch(c.data, 0)
+    x = vq_data.shapes_batch(c.data, 0, c.train.batch_size)
     assert x.shape == (8, 16, 16, 3) and -1.0 <= x.min() and x.max() <= 1.0
-    np.testing.assert_array_equal(x, vq_data.shapes_batch(c.data, 0))  # batches are a function of the step
+    # batches are a function of the step
+    np.testing.assert_array_equal(x, vq_data.shapes_batch(c.data, 0, c.train.batch_size))
     state, m = T.make_train_step(c, gan=False)(state, x, None)  # the GAN variant runs in the runs below
     assert int(state["step"]) == 1 and float(m["finite"]) == 1.0 and np.isfinite(float(m["loss"]))
     assert {"q_loss", "dead_codes", "nll"} <= set(m) and "d_loss" not in m
@@ -151,7 +152,8 @@ def test_one_step_keeps_a_unit_codebook_and_averages_the_weights():
 
 def test_budget_plan_fits_the_schedule_and_shrinks_when_the_machine_slows(tmp_path):
     c = smoke_config()
-    c.train.update(steps=1000, time_budget_s=100, checkpoint_every=250, fit_to_budget=True)
+    c.train.update(steps=1000, time_budget_s=100, fit_to_budget=True)
+    c.checkpoint.every = 250
     c.optim.update(warmup_steps=20, decay_steps=1000)
     plan = budget.BudgetPlan(c, tmp_path)
     assert plan.steps == 1000 and plan.wants_timing(1, 0) and plan.wants_timing(20, 0)
@@ -261,7 +263,7 @@ class _NaNAt:
 
 
 def test_a_non_finite_step_is_skipped_counted_and_changes_nothing(image_folder, tmp_path):
-    config = image_config(image_folder, **{"train.steps": 2, "train.checkpoint_every": 1})
+    config = image_config(image_folder, **{"train.steps": 2, "checkpoint.every": 1})
     task = T.make_task(config, tmp_path)
     task.train_data = _NaNAt(task.train_data, index=1)  # step 2 (with the GAN terms) sees NaN images
     result = trainer.run(task, tmp_path)
@@ -303,14 +305,14 @@ def test_image_batches_from_jsonl_tar_and_folder_resume_exactly(image_folder, tm
     assert np.array_equal(vq_data.load(refs[1], 16), vq_data.load(str(pngs[0]), 16))  # a tar member decodes
 
     config = ml_collections.ConfigDict(dict(kind="images", inputs=f"{jsonl},{shard},{image_folder}", seed=3,
-                                            batch_size=4, image_size=16, threads=2))
+                                            image_size=16, threads=2))
     eval_config = ml_collections.ConfigDict(dict(num_images=2, inputs=""))
-    it = vq_data.make_iterator(config, eval_config)
+    it = vq_data.make_iterator(config, eval_config, batch_size=4)
     first = [next(it)["images"] for _ in range(3)]
     assert all(b.shape == (4, 16, 16, 3) and b.dtype == np.float32 and np.abs(b).max() <= 1.0 for b in first)
     state = it.get_state()
     after = [next(it)["images"] for _ in range(6)]  # past the 19 training images: a reshuffled epoch
-    again = vq_data.make_iterator(config, eval_config)
+    again = vq_data.make_iterator(config, eval_config, batch_size=4)
     again.set_state(state)
     for a, b in zip(after, [next(again)["images"] for _ in range(6)]):
         np.testing.assert_array_equal(a, b)
@@ -319,3 +321,21 @@ def test_image_batches_from_jsonl_tar_and_folder_resume_exactly(image_folder, tm
     assert not set(map(str, held_refs)) & set(map(str, train_refs))
     held, scenes = vq_data.eval_images(config, eval_config)
     assert 1 <= held.shape[0] <= 2 and scenes is None  # fewer if broken.png is one of them
+
+
+def test_the_older_config_names_move_to_the_shared_ones_and_a_conflict_names_the_fix():
+    from chameleon_jax.vqgan.train import settings
+
+    c = smoke_config("tiny")
+    assert "batch_size" not in c.data and "checkpoint_every" not in c.train  # the files use the shared names
+    old = smoke_config("tiny")
+    del old.train["batch_size"], old["checkpoint"]
+    old.data.batch_size, old.train.checkpoint_every, old.train.keep_checkpoints = 4, 3, 5
+    new = settings.upgrade(old)
+    assert (new.train.batch_size, new.checkpoint.every, new.checkpoint.keep) == (4, 3, 5)
+    assert "batch_size" not in new.data and "checkpoint_every" not in new.train and "keep_checkpoints" not in new.train
+    assert settings.upgrade(c).to_dict() == c.to_dict()  # nothing to move: unchanged
+    both = smoke_config("tiny")
+    both.data.batch_size = 2  # the shared key says 8
+    with pytest.raises(ValueError, match="keep only train.batch_size"):
+        settings.upgrade(both)

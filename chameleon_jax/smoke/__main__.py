@@ -27,7 +27,7 @@ def main(argv):
 
     config = _CONFIG.value
     # Data-parallel over the cores: before any JAX backend exists.
-    cpu.use_every_core(divides=(config.train.batch_size, stages.vqgan_config(config.smoke).data.batch_size))
+    cpu.use_every_core(divides=(config.train.batch_size, stages.vqgan_config(config.smoke).train.batch_size))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

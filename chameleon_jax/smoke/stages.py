@@ -126,8 +126,9 @@ def train_tokenizer(s, data: Path, root: Path) -> str:
 
 def vqgan_config(s):
     """The VQ-GAN experiment config: `smoke.vqgan_config` with `smoke.vqgan_overrides` applied."""
-    config = load_config_file(s.vqgan_config)
-    return merge_overrides(config, s.vqgan_overrides)
+    from chameleon_jax.vqgan.train import settings
+
+    return settings.upgrade(merge_overrides(load_config_file(s.vqgan_config), s.vqgan_overrides))
 
 
 def load_vqgan(s, run_dir: Path):

@@ -19,8 +19,10 @@ def main(argv):
     del argv
     from chameleon_jax import cpu
 
-    config = flags.FLAGS.config
-    cpu.use_every_core(divides=(config.data.batch_size,))  # before any backend exists
+    from chameleon_jax.vqgan.train import settings
+
+    config = settings.upgrade(flags.FLAGS.config)
+    cpu.use_every_core(divides=(config.train.batch_size,))  # before any backend exists
     import jax
 
     from chameleon_jax.train import trainer

@@ -50,7 +50,7 @@ class BudgetPlan:
             return False
         warm = max(self._config.optim.warmup_steps, 10)
         return done == start + 1 or self._restart or (not self._planned and done == start + warm) or \
-            done % self._config.train.checkpoint_every == 0
+            done % self._config.checkpoint.every == 0
 
     def update(self, done: int, start: int, elapsed: float) -> bool:
         """Called (after a device sync) at the points `wants_timing` picks; True if the plan changed."""

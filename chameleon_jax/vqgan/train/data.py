@@ -35,12 +35,12 @@ _BATCHES = 2**40  # shapes batches are made on demand: virtually unbounded
 
 
 # ------------------------------------------------------------------------------------------- shapes
-def shapes_batch(data_config, step: int) -> np.ndarray:
+def shapes_batch(data_config, step: int, batch_size: int) -> np.ndarray:
     """Images float32 [B, S, S, 3] in [-1, 1] for `step` (global batch): a pure function of (seed, step)."""
     d = data_config
     uniform = d.get("uniform_scenes", False)  # every distinct scene equally likely (shapes.sample_scene)
-    scenes, index = [], step * d.batch_size * 4
-    while len(scenes) < d.batch_size:
+    scenes, index = [], step * batch_size * 4
+    while len(scenes) < batch_size:
         s = shapes.sample_scene(d.seed, index, uniform=uniform)
         index += 1
         if shapes.split_of(s) == "train":
@@ -51,20 +51,20 @@ def shapes_batch(data_config, step: int) -> np.ndarray:
 class ShapesBatches:
     """Random-access source: step -> this process's rows of that step's global batch."""
 
-    def __init__(self, data_config, process_index: int = 0, process_count: int = 1):
-        self.config = data_config
-        self.rows = data_config.batch_size // process_count
+    def __init__(self, data_config, batch_size: int, process_index: int = 0, process_count: int = 1):
+        self.config, self.batch_size = data_config, batch_size
+        self.rows = batch_size // process_count
         self.first = process_index * self.rows
 
     def __len__(self) -> int:
         return _BATCHES
 
     def __getitem__(self, step: int) -> dict:
-        return {"images": shapes_batch(self.config, int(step))[self.first:self.first + self.rows]}
+        return {"images": shapes_batch(self.config, int(step), self.batch_size)[self.first:self.first + self.rows]}
 
     def __repr__(self) -> str:  # Grain validates a restored source by its repr; keep it stable
         d = self.config
-        return (f"ShapesBatches(seed={d.seed}, batch_size={d.batch_size}, image_size={d.image_size}, "
+        return (f"ShapesBatches(seed={d.seed}, batch_size={self.batch_size}, image_size={d.image_size}, "
                 f"uniform={d.get('uniform_scenes', False)}, rows={self.first}:{self.first + self.rows})")
 
 
@@ -173,20 +173,20 @@ def _paths(value, name: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ pipelines
-def make_iterator(data_config, eval_config=None):
+def make_iterator(data_config, eval_config=None, *, batch_size: int):
     """The resumable iterator of this process's image batches for `config.data`."""
     kind = data_config.get("kind", "shapes")
     count, index = jax.process_count(), jax.process_index()
-    if data_config.batch_size % count:
-        raise ValueError(f"data.batch_size={data_config.batch_size} does not split over {count} processes; "
+    if batch_size % count:
+        raise ValueError(f"train.batch_size={batch_size} does not split over {count} processes; "
                          f"use a multiple of {count}")
     threads = int(data_config.get("threads", 2))
     if kind == "shapes":  # one element is a whole batch: `threads` batches are drawn ahead
-        ds = grain.MapDataset.source(ShapesBatches(data_config, index, count))
+        ds = grain.MapDataset.source(ShapesBatches(data_config, batch_size, index, count))
         return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
     if kind == "images":
         train_refs, _ = split_inputs(data_config, eval_config or {})
-        rows = data_config.batch_size // count
+        rows = batch_size // count
         ds = (grain.MapDataset.source(train_refs).shuffle(seed=int(data_config.seed)).repeat(None)
               [index::count].map(_Load(int(data_config.image_size))))
         # Undecodable images come out as None, which the iterator drops before batching.

@@ -19,7 +19,7 @@ from chameleon_jax.model import sharding as shd
 from chameleon_jax.train import trainer
 from chameleon_jax.vqgan import checkpoint as vq_checkpoint
 from chameleon_jax.vqgan import perceptual
-from chameleon_jax.vqgan.train import budget, data, evaluate, step as step_lib
+from chameleon_jax.vqgan.train import budget, data, evaluate, settings, step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def make_mesh(batch_size: int) -> jax.sharding.Mesh:
     devices = jax.devices()
     if jax.process_count() > 1:
         if batch_size % len(devices):
-            raise ValueError(f"data.batch_size={batch_size} does not split over {len(devices)} devices; "
+            raise ValueError(f"train.batch_size={batch_size} does not split over {len(devices)} devices; "
                              f"use a multiple of {len(devices)}")
         k = len(devices)
     else:
@@ -43,12 +43,13 @@ def make_mesh(batch_size: int) -> jax.sharding.Mesh:
 
 def make_task(config: ml_collections.ConfigDict, workdir) -> trainer.Task:
     workdir = epath.Path(workdir)
+    config = settings.upgrade(config)
     t = config.train
 
     # ---- Mesh, data -----------------------------------------------------------------------------
-    mesh = make_mesh(config.data.batch_size)
+    mesh = make_mesh(t.batch_size)
     replicated = NamedSharding(mesh, P())
-    train_iter = data.make_iterator(config.data, config.eval)
+    train_iter = data.make_iterator(config.data, config.eval, batch_size=int(t.batch_size))
 
     # ---- State: shapes on the mesh, and a fresh one ----------------------------------------------
     abstract = jax.eval_shape(lambda: step_lib.init_state(config, jax.random.key(config.seed)))
@@ -110,10 +111,10 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> trainer.Task:
         name="vqgan", config=config, mesh=mesh,
         loop=trainer.LoopSettings(
             steps=plan.steps, log_every=int(t.log_every), eval_every=int(t.eval_every), eval_at_end=True,
-            checkpoint_every=int(t.checkpoint_every), max_bad_steps=int(t.get("max_bad_steps", 10)),
-            keep=int(t.keep_checkpoints)),
+            checkpoint_every=int(config.checkpoint.every), max_bad_steps=int(t.get("max_bad_steps", 10)),
+            keep=int(config.checkpoint.keep)),
         abstract_state=abstract, init_state=init_state, train_step=train_step, train_data=train_iter,
-        items_per_step=int(config.data.batch_size), item_unit="images", console=_CONSOLE,
+        items_per_step=int(t.batch_size), item_unit="images", console=_CONSOLE,
         evaluate=evaluate_state, replan=replan if (plan.enabled or budget_s) else None, finish=export,
         # the state's shapes: the architectures, the codebook, and whether an EMA copy is kept
         resume_guard=("model.", "loss.disc_ndf", "loss.disc_layers", "train.ema_decay"),
