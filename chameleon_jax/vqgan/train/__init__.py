@@ -15,6 +15,7 @@ exit; a finished run writes RUN/export (read by `chameleon_jax.vqgan.checkpoint.
     evaluate.py  held-out PSNR / SSIM / codebook health / shape analyzer, and the comparison grid
     budget.py    fitting the schedule to a wall-clock budget (`train.fit_to_budget`)
     task.py      the VQ-GAN as a `trainer.Task`; train, train_or_load
+    settings.py  the config names shared with the language model (train.batch_size, checkpoint.every, ...)
 """
 from chameleon_jax.vqgan.train.step import eval_params, init_state, make_train_step
 from chameleon_jax.vqgan.train.task import make_task, train, train_or_load
