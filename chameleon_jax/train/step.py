@@ -17,6 +17,7 @@ from chameleon_jax import model as model_lib
 from chameleon_jax.model import sharding as shd
 from chameleon_jax.model import loss as loss_lib
 from chameleon_jax.model.loss import LossConfig  # noqa: F401  (the step's loss settings; step_lib.LossConfig)
+from chameleon_jax.train.optimizer import global_norm
 
 TrainState = dict
 
@@ -60,6 +61,10 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
     A non-finite loss or gradient skips the update (params and optimizer state unchanged) and bumps
     `bad_steps`; a finite step resets it. The runner stops after K consecutive bad steps.
+
+    Precision (model.dtype bf16, model.param_dtype fp32 or bf16): the forward casts params to the
+    activation dtype, so the gradients come back in the param dtype. The loss, the gradient norm
+    (this guard and the optimizer's clip) and the microbatch gradient sum are float32.
     """
     dropout = model_cfg.dropout > 0
 
@@ -91,11 +96,13 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
             (loss, sums), grads = grad_fn(params, micro, jax.random.fold_in(key, index))
             n = sums["tokens"]
             acc_grads, acc_loss, acc_sums = carry
-            acc_grads = jax.tree.map(lambda a, g: a + g * n, acc_grads, grads)
+            acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * n, acc_grads, grads)
             acc_sums = jax.tree.map(jnp.add, acc_sums, sums)
             return (acc_grads, acc_loss + loss * n, acc_sums), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        # The sum runs in float32 even for bf16 params: 32 microbatches of bf16 partial sums would
+        # lose the low bits of every term. The optimizer takes float32 gradients anyway.
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
             lambda: grad_fn(params, jax.tree.map(lambda x: x[: x.shape[0] // microbatches], batch), key)[0][1]))
         micro = jax.tree.map(split, batch)
@@ -111,7 +118,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
             (loss, sums), grads = accumulated_grads(state["params"], batch, key)
         else:
             (loss, sums), grads = grad_fn(state["params"], batch, key)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
@@ -130,7 +137,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
             "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
         }
         metrics = dict(sums, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
-                       param_norm=optax.tree.norm(new_state["params"]))
+                       param_norm=global_norm(new_state["params"]))
         if schedule is not None:
             metrics["learning_rate"] = schedule(state["step"])
         return new_state, metrics
