@@ -6,6 +6,7 @@ under `timeout` so nothing can hang CI.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -383,3 +384,18 @@ def test_a_workdir_refuses_to_resume_a_different_model(reference, tmp_path):
     shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
     with pytest.raises(ValueError, match=r"different model \(model.ffn_dim: 192 -> 256\)"):
         runner.train(tiny_config(**{"model.ffn_dim": 256}), tmp_path)
+
+
+def test_the_resume_guard_refuses_shape_changes_and_allows_kernel_choices_and_new_settings():
+    from chameleon_jax.train import trainer
+
+    saved = json.loads(tiny_config().to_json_best_effort())
+    del saved["model"]["attention"]  # the checkpoint of a run started before this setting existed
+    check = functools.partial(trainer.check_resumable, saved, workdir="run", guarded=runner.RESUME_GUARD,
+                              free=runner.RESUME_FREE)
+    check(config=tiny_config(**{"model.remat": "full", "model.attention_block": 16, "model.attention": "xla",
+                                "optimizer.peak_lr": 1e-4}))
+    for key, value in (("model.d_model", 32), ("model.param_dtype", "bfloat16"), ("model.scan_layers", False),
+                       ("loss.image_ids", (4, 100))):
+        with pytest.raises(ValueError, match=rf"different model \({key}: "):
+            check(config=tiny_config(**{key: value}))

@@ -80,10 +80,15 @@ class Window(trainer.Window):
         return out
 
 
-
 # ------------------------------------------------------------------------------------------------
 # The LM task: mesh -> data -> abstract state & shardings -> init -> jitted step -> evaluator.
 # ------------------------------------------------------------------------------------------------
+# A workdir resumes only a state of the same shapes: these config keys must match the checkpoint's,
+# except the ones under them that only choose how the step computes.
+RESUME_GUARD = ("model.", "loss.image_ids")
+RESUME_FREE = ("model.attention", "model.remat", "model.dtype", "model.dropout")
+
+
 def make_task(config: ml_collections.ConfigDict) -> trainer.Task:
     total_steps = int(config.train.steps)
 
@@ -143,7 +148,7 @@ def make_task(config: ml_collections.ConfigDict) -> trainer.Task:
         items_per_step=config.train.batch_size * config.train.seq_len, item_unit="tokens",
         flops_per_item=flops_per_token, peak_flops=peak, console=_CONSOLE,
         context=functools.partial(shd.activation_rules, rules),
-        resume_guard=("model.", "loss.image_ids"),
+        resume_guard=RESUME_GUARD, resume_free=RESUME_FREE,
         non_finite_shows=("loss", "grad_norm", "last_layer_rms", "learning_rate"),
         non_finite_hint="Try a lower optimizer.peak_lr, a larger loss.z_loss_weight, model.block_order='swin', "
                         "or check the data")

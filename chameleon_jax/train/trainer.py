@@ -134,6 +134,7 @@ class Task:
     console: tuple[str, ...]           # logged keys printed above the progress bar
     resume_guard: tuple[str, ...]      # config key prefixes that must not change on resume (the model)
     non_finite_hint: str               # what to try when the run stops on non-finite steps
+    resume_free: tuple[str, ...] = ()  # keys under resume_guard that may change (they do not shape the state)
     non_finite_shows: tuple[str, ...] = ("loss", "grad_norm")  # step metrics quoted in that error
     new_window: Callable[[], Window] = Window
     evaluate: Callable[[Any], EvalResult] | None = None
@@ -169,12 +170,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(saved: dict, config, workdir, guarded: tuple[str, ...]) -> None:
-    """A workdir resumes only the same model; other changes (steps, LR, ...) are allowed and logged."""
+def check_resumable(saved: dict, config, workdir, guarded: tuple[str, ...], free: tuple[str, ...] = ()) -> None:
+    """A workdir resumes only the same model; other changes (steps, LR, ...) are allowed and logged.
+
+    `guarded` are key prefixes of the state's shapes; `free` are keys under them that do not shape the
+    state (a kernel choice, activation dtype, remat). A key the checkpoint's config does not have, because it
+    was added after that run started, is logged, not refused: a real shape change still fails in the restore.
+    """
     now = _flat(json.loads(config.to_json_best_effort()))
     saved = _flat(saved)
     changed = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
-    model = [k for k in changed if k.startswith(guarded)]
+    model = [k for k in changed if k.startswith(guarded) and not k.startswith(free) and k in saved and k in now]
     if model:
         raise ValueError(f"{workdir} holds a checkpoint of a different model (" + ", ".join(
             f"{k}: {saved.get(k)} -> {now.get(k)}" for k in model) + "); use a new --workdir")
@@ -236,7 +242,7 @@ def _run(task: Task, workdir: str | epath.Path, stop: StopSignal) -> Result:
                                 async_save=loop.async_save)
     # Every process restores alone and all agree: a damaged newest step falls back, never hangs.
     restored = ckpt.restore_latest_intact(manager, task.abstract_state, task.train_data, check_config=lambda saved:
-                                          check_resumable(saved, config, workdir, task.resume_guard))
+                                          check_resumable(saved, config, workdir, task.resume_guard, task.resume_free))
     start, state = restored.step, restored.state
     if start is not None:
         log.info("resumed from %s at step %d", workdir / "checkpoints", start)
