@@ -3,6 +3,8 @@
 grimp reads every import statement (function-level ones included) without importing anything.
 """
 import re
+import subprocess
+import sys
 
 import grimp
 import pytest
@@ -141,3 +143,14 @@ def test_data_depends_only_on_the_vocabulary_and_storage(graph):
     outside = sorted(f"{m} -> {i}" for m in data for i in graph.find_modules_directly_imported_by(m)
                      if i.startswith(PACKAGE + ".") and i not in data and i not in allowed)
     assert not outside, "the data layer imports upward:\n" + "\n".join(outside)
+
+
+def test_a_training_process_does_not_import_torch(tmp_path):
+    # torch is installed here (the parity tests' peers); tensorboardX would import it in every training
+    # process, seconds of start-up for nothing (train/metrics.py).
+    code = ("import sys; from chameleon_jax.train import runner, metrics; w = metrics.MetricsWriter(sys.argv[1]); "
+            "w.write(1, {'loss': 2.0}); w.close(); import importlib.util as u; "
+            "print(u.find_spec('torch') is not None, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"], out.stdout + out.stderr
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # the writer still writes
