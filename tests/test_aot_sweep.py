@@ -156,3 +156,13 @@ def test_tiny_sweep_finds_the_largest_batch_under_a_small_hbm_limit(tmp_path):
     again = sweep.sweep_case(case, attention="xla", cache=sweep.ProbeCache(cache.path), hbm_limit=limit,
                              max_probes=4, log=lambda s: pytest.fail(f"recompiled: {s}"), config=config)
     assert again.best.plan_obj == result.best.plan_obj
+
+
+def test_config_plan_reads_the_mesh_and_refuses_a_global_batch_that_does_not_split():
+    config = sweep.load_config("experiments/chameleon_7b.py")
+    plan = sweep.config_plan(config, 64)             # 2,048 = 1 per shard x 64 shards x 32 microbatches
+    assert (plan.mesh, plan.batch_per_shard, plan.microbatches, plan.global_batch) == ((1, 64, 1), 1, 32, 2048)
+    assert plan.attention == "splash" and plan.remat == config.model.remat
+    with pytest.raises(ValueError, match="microbatches"):
+        sweep.config_plan(config, 256)               # 2,048 / (32 x 256) is not whole
+    assert sweep.config_plan(config, 256, exact=False).mesh == (1, 256, 1)

@@ -35,6 +35,8 @@ _AT_CONFIG = flags.DEFINE_list("at_config", ["7B@v5p:4x4x4"], "Cases also compil
 _PROBES = flags.DEFINE_string("probes", "docs/results/fit_probes.jsonl", "Every compile's measurements, one "
                               "JSON per line; a rerun reuses them.")
 _OUT = flags.DEFINE_string("out", None, "Write the Markdown table here (else print it).")
+_COMPILE = flags.DEFINE_bool("compile", True, "With --nocompile, make the table from the probe log only "
+                              "(cases it does not cover are listed as not finished).")
 _NOTE = flags.DEFINE_string("note", "", "A sentence for the table's header (e.g. which source tree ran).")
 
 
@@ -44,7 +46,8 @@ def main(argv):
         from chameleon_jax.aot import fit
         text = fit.run(_CASES.value, attention=_ATTENTION.value, remats=_REMATS.value,
                        hbm_limit_gib=_HBM_LIMIT_GIB.value, max_probes=_MAX_PROBES.value,
-                       at_config=_AT_CONFIG.value, probes=_PROBES.value, out=_OUT.value, note=_NOTE.value)
+                       at_config=_AT_CONFIG.value, probes=_PROBES.value, out=_OUT.value, note=_NOTE.value,
+                       compile=_COMPILE.value)
         if not _OUT.value:
             print(text)
         return

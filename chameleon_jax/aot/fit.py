@@ -63,11 +63,61 @@ def document(results: list[sweep.CaseResult], *, command: str, pending: list[swe
     lines += table.results_table(results)
     lines += ["", "## At the config's global batch (microbatches = global / (batch per shard × shards))", ""]
     lines += table.global_batch_lines(results)
+    lines += ["", "## Targets", ""] + target_lines(results)
+    lines += ["", "## Published anchors (measured on TPUs, unlike the estimates above)", ""] + ANCHORS
     if pending:
         lines += ["", "## Not finished", "",
                   "These cases had not finished when this file was written: "
                   + ", ".join(f"{c.model} on {sweep.slice_name(c.topology)} (`{c.topology}`)" for c in pending) + "."]
     return "\n".join(lines) + "\n"
+
+
+# MaxText's own published MFU figures (dense decoder LMs, bf16); cited, not reproduced here.
+ANCHORS = [
+    "- MaxText README, v5p table: 32B on v5p-128 (64 chips) at 67.76% MFU (328 TFLOP/s/chip), 64B on v5p-128 at "
+    "70.31%, 128B on v5p-256 at 68.68% (https://github.com/AI-Hypercomputer/maxtext, README; "
+    "`MaxText/configs/v5p/README.md` lists the same 32B run as 328 TFLOP/s/chip = 71.47% of 459).",
+    "- MaxText publishes no MFU for a 7B-class model on v5p: `MaxText/configs/v5p/llama2_7b.sh` is a recipe "
+    "(per_device_batch_size=4, remat_policy=minimal, sequence 4,096, v5p-512) without a figure. The nearest "
+    "7B-class figure is Llama 3.1 8B on v6e-256 at 45.46% MFU, sequence 8,192 (MaxText optimized-models tiering "
+    "page, https://maxtext.readthedocs.io/en/latest/reference/models/tiering.html). So the v5p-128 comparison "
+    "under Targets uses the 32B figure on the same slice, the closest dense anchor on that hardware.",
+]
+
+
+def target_lines(results: list[sweep.CaseResult]) -> list[str]:
+    """The issue's two 7B targets, checked against what this run measured and estimated."""
+    out = []
+    by_key = {r.case.key: r for r in results}
+    r64 = by_key.get("7B@v5p:4x4x4")
+    if r64 is not None and r64.at_config is not None:
+        p = r64.at_config
+        spare = 1 - p.total_bytes / p.hbm_limit if p.total_bytes else 0.0
+        ok = p.fits and spare >= 0.20
+        out.append(f"- 7B at its config's global batch ({p.plan_obj.global_batch:,} sequences, "
+                   f"{p.plan['microbatches']} microbatches) on 64 v5p chips (`v5p:4x4x4`): "
+                   f"{aot.format_bytes(p.total_bytes)} of {aot.format_bytes(p.hbm_limit)} per chip, "
+                   f"{100 * spare:.0f}% spare: {'MET' if ok else 'NOT MET'} (target: fits with >= 20% spare). "
+                   "Google's name for this slice is v5p-128; v5p-64 would be 32 chips (`v5p:2x4x4`), "
+                   "where the state shard doubles.")
+    else:
+        out.append("- 7B at its config's global batch on 64 v5p chips: not compiled in this run.")
+    if r64 is not None and r64.best is not None and r64.best.estimate:
+        e, p = r64.best.estimate, r64.best
+        overhead = p.hlo["flops"] / p.model_flops
+        out.append(f"- ESTIMATED MFU for 7B on v5p-128 (64 chips) at {p.plan['batch_per_shard']} sequences per chip: "
+                   f"{100 * e['mfu']:.0f}% (roofline, full overlap; {100 * e['serial_mfu']:.0f}% with no overlap), "
+                   f"against MaxText's 67.76% for 32B on the same slice: "
+                   f"{'at or above' if e['mfu'] >= 0.6776 else 'BELOW'} it. Where the gap comes from: the "
+                   f"compiled program executes {overhead:.2f}x the model FLOPs (remat recomputation, causal attention "
+                   f"blocks computed in full, the loss), which caps a compute-bound estimate at {100 / overhead:.0f}%; "
+                   f"the bound term is {e['bound']} (compute {1e3 * e['compute_s']:.0f} ms, HBM "
+                   f"{1e3 * e['memory_s']:.0f} ms, ICI {1e3 * e['network_s']:.0f} ms per step). A roofline is an "
+                   "upper bound: real steps also lose time to collective latency, imperfect overlap and kernel "
+                   "efficiency below peak, which MaxText's measured figures include.")
+    else:
+        out.append("- ESTIMATED MFU for 7B on v5p-128: not reached in this run.")
+    return out
 
 
 def _cpu_count() -> int:
@@ -76,7 +126,7 @@ def _cpu_count() -> int:
 
 
 def run(cases: str, *, attention: list[str], remats: list[str], hbm_limit_gib: float | None, max_probes: int,
-        at_config: list[str], probes: str | None, out: str | None, note: str = "") -> str:
+        at_config: list[str], probes: str | None, out: str | None, note: str = "", compile: bool = True) -> str:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m chameleon_jax.aot " + " ".join(sys.argv[1:])
     todo = sweep.parse_cases(cases)
@@ -86,14 +136,19 @@ def run(cases: str, *, attention: list[str], remats: list[str], hbm_limit_gib: f
     slopes: dict = {}
     results: list[sweep.CaseResult] = []
     text = ""
+    missing: list[sweep.Case] = []
     for i, case in enumerate(todo):
         for kernel in kernels:
             print(f"{case.model} on {sweep.slice_name(case.topology)} ({case.topology}), attention={kernel}",
                   flush=True)
-            results.append(sweep.sweep_case(case, attention=kernel, remats=remats, cache=cache, hbm_limit=limit,
-                                            slopes=slopes, at_config=case.key in at_config,
-                                            max_probes=max_probes, log=lambda s: print(s, flush=True)))
-            text = document(results, command=command, pending=todo[i + 1:], started=started, note=note)
+            try:
+                results.append(sweep.sweep_case(case, attention=kernel, remats=remats, cache=cache, hbm_limit=limit,
+                                                slopes=slopes, at_config=case.key in at_config, max_probes=max_probes,
+                                                log=lambda s: print(s, flush=True), compile=compile))
+            except sweep.NotCompiled as e:
+                print(f"  not in the probe log, skipped: {e}", flush=True)
+                missing.append(case)
+            text = document(results, command=command, pending=missing + todo[i + 1:], started=started, note=note)
             if out:
                 from etils import epath
                 epath.Path(out).write_text(text)

@@ -100,17 +100,22 @@ def plan_config(config, plan: Plan, seq_len: int | None = None):
     return c
 
 
-def config_plan(config, chips: int, attention: str | None = None) -> Plan:
-    """The plan a config states for `chips` chips (its mesh, remat, global batch and microbatches)."""
+def config_plan(config, chips: int, attention: str | None = None, exact: bool = True) -> Plan:
+    """The plan a config states for `chips` chips (its mesh, remat, global batch and microbatches).
+    With `exact=False` a global batch that does not split over the shards gives 1 sequence per shard
+    and 1 microbatch (the batch search only takes the mesh, remat and kernel from it)."""
     data, fsdp, tensor = mesh_shape(config.mesh, chips)
     micro = int(config.train.get("microbatches", 1))
     per_shard, rest = divmod(int(config.train.batch_size), micro * data * fsdp)
     if rest or per_shard < 1:
-        raise ValueError(f"train.batch_size={config.train.batch_size} does not split over {micro} microbatches x "
-                         f"{data * fsdp} shards on {chips} chips; change train.microbatches.")
+        if exact:
+            raise ValueError(f"train.batch_size={config.train.batch_size} does not split over {micro} microbatches "
+                             f"x {data * fsdp} shards on {chips} chips; change train.microbatches.")
+        per_shard, micro = 1, 1
     kernel = attention or str(config.model.get("attention", "xla"))
-    return Plan((data, fsdp, tensor), str(config.model.remat), "xla" if kernel == "auto" and
-                "attention" not in config.model else kernel, per_shard, micro)
+    if kernel == "auto":
+        kernel = "splash" if "attention" in config.model else "xla"
+    return Plan((data, fsdp, tensor), str(config.model.remat), kernel, per_shard, micro)
 
 
 @dataclasses.dataclass
@@ -258,6 +263,10 @@ def global_batch_plan(best: Plan, global_batch: int) -> Plan:
     return dataclasses.replace(best, batch_per_shard=b, microbatches=per_step // b)
 
 
+class NotCompiled(Exception):
+    """A probe the log does not hold, in a sweep told not to compile."""
+
+
 @dataclasses.dataclass
 class CaseResult:
     case: Case
@@ -270,14 +279,16 @@ class CaseResult:
 
 def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, cache: ProbeCache | None = None,
                hbm_limit: int | None = None, slopes: dict | None = None, at_config: bool = False,
-               max_probes: int = 6, log: Callable[[str], None] = print, config=None) -> CaseResult:
+               max_probes: int = 6, log: Callable[[str], None] = print, config=None,
+               compile: bool = True) -> CaseResult:
     """Searches the largest fitting batch for one case: the config's remat first, then each of
     `remats` in turn while batch 1 does not fit. `config`: the case's experiment config, if already
-    loaded (else read from case.config)."""
+    loaded (else read from case.config). With `compile=False` only logged probes are used and a
+    missing one raises NotCompiled."""
     config = load_config(case.config) if config is None else config
     chips = len(aot.topology_devices(case.topology))
     limit = int(hbm_limit or aot.chip_hbm_bytes(case.topology))
-    base = config_plan(config, chips, attention)
+    base = config_plan(config, chips, attention, exact=False)
     order = [base.remat] + [r for r in (remats or []) if r != base.remat]
     slopes = {} if slopes is None else slopes
     cache = cache or ProbeCache(None)
@@ -286,6 +297,8 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
         hit = cache.get(case.key, plan, limit)
         if hit is not None:
             return hit
+        if not compile:
+            raise NotCompiled(f"{case.key}: {plan.label()}")
         start = time.perf_counter()
         log(f"  compiling {case.model} for {slice_name(case.topology)}: {plan.label()} ...")
         p = compile_probe(case, config, plan, hbm_limit=limit)
@@ -296,7 +309,7 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
 
     result = CaseResult(case, None, [], [])
     if at_config:
-        result.at_config = measured(base)
+        result.at_config = measured(config_plan(config, chips, attention))
     for remat in order:
         family = (case.model, base.mesh[2], remat, attention)
         start, probes_left = 1, max_probes
