@@ -181,6 +181,10 @@ def fused_loss_and_metrics(h, w_out, batch: Batch, *, image_ids: tuple[int, int]
     h is the final-normed hidden state [B, T, D]; w_out the output projection [D, V]. `chunk` is the
     number of positions per block along T (B·chunk tokens at a time). Same loss and gradients as the
     plain path up to fp32 rounding; `correct` counts ties at the max as hits (argmax takes the first).
+
+    Mixed precision: h and w_out enter in the activation dtype (bf16 when model.dtype is). The logits
+    accumulate into fp32 (preferred_element_type), and the softmax, logsumexp, z-loss and loss after
+    them are fp32. Only dlogits is rounded to h's dtype, for the two backward matmuls.
     """
     targets, weights = next_token_targets(batch)
     count = jnp.maximum(weights.sum(), 1.0)
