@@ -35,6 +35,30 @@ def process_commands(command: list[str], processes: int, port: int, timeout_s: i
              "--num_processes", str(processes), "--process_id", str(i)] for i in range(processes)]
 
 
+# Seconds before the timeout at which the launcher sends SIGUSR1 to the command under every `timeout`: a
+# program that registers faulthandler for it (chameleon_jax.train does) prints every thread's stack.
+STACK_DUMP_LEAD_S = 15
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `timeout` (pid) started: the command itself, not `timeout`, which SIGUSR1 would end."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:  # gone already, or no /proc (the dump is a diagnosis, not a requirement)
+        return []
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (the SigCgt mask in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
 def _pump(stream, prefix: str, out):
     for line in iter(stream.readline, b""):
         out.write(f"{prefix}{line.decode(errors='replace')}")
@@ -72,9 +96,18 @@ def run(command: list[str], processes: int = 2, devices: int = 2, timeout_s: int
                 os.killpg(p.pid, signum)  # the group: `timeout` and the python under it
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    dump_at = time.monotonic() + timeout_s - STACK_DUMP_LEAD_S
     try:
         failed = 0
         while any(p.poll() is None for p in procs):
+            if time.monotonic() > dump_at:  # a hang: show where every process waits before `timeout` ends it
+                dump_at = float("inf")
+                print(f"launch: still running {timeout_s - STACK_DUMP_LEAD_S} s after the start; asking every "
+                      f"process for its Python stacks (SIGUSR1)", file=sys.stderr, flush=True)
+                for p in procs:
+                    for pid in _children(p.pid):
+                        if _catches(pid, signal.SIGUSR1):  # else SIGUSR1 would end it, with another status
+                            os.kill(pid, signal.SIGUSR1)
             for i, p in enumerate(procs):
                 if p.poll() not in (None, 0) and not failed:
                     failed, how = exit_status(p.returncode, timeout_s)

@@ -239,3 +239,19 @@ def test_every_runbook_command_runs_in_dry_run():
     resume = [shlex.split(l) for l in dry_run("tpu_vm.py", *cmds[3][2:cmds[3].index("--")], "--dry-run",
                                                 *cmds[3][cmds[3].index("--"):]).splitlines()]
     assert not any(c[4:5] == ["create"] for c in resume if c[0] == "gcloud")  # --reuse: the same slice
+
+
+def test_local_asks_a_hung_process_for_its_stacks_before_the_timeout(capfd):
+    # Process 0 hangs with a SIGUSR1 stack dump registered (as chameleon_jax.train does), process 1 hangs
+    # without one: the launcher shows process 0's stack and must not end process 1 with the signal.
+    hang = ("import faulthandler, signal, sys, time\n"
+            "if sys.argv[sys.argv.index('--process_id') + 1] == '0':\n"
+            "    faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+            "def waiting_for_a_peer():\n"
+            "    time.sleep(600)\n"
+            "waiting_for_a_peer()\n")
+    rc = local.run([sys.executable, "-c", hang], processes=2, timeout_s=local.STACK_DUMP_LEAD_S + 5)
+    out, err = capfd.readouterr()
+    assert rc == 124, out + err  # both ran past the timeout; SIGUSR1 killed neither
+    assert "asking every process for its Python stacks" in err
+    assert "[0] " in out and "in waiting_for_a_peer" in out, out

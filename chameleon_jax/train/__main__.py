@@ -6,6 +6,7 @@ Multi-process: `--coordinator_address HOST:PORT --num_processes N --process_id I
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import sys
@@ -43,6 +44,9 @@ def main(argv):
     # signal in a multi-process run is installed inside initialize): remember it, then hand it on.
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
+    # `kill -USR1 PID` prints every thread's Python stack to stderr and training goes on: where a hung host
+    # waits (launch/local.py sends it shortly before its timeout).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     init_distributed()
     import jax
 
