@@ -6,12 +6,17 @@ machine is shared and its clock varies), so the peak is measured in the same run
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
 import time
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
+
+from chameleon_jax import storage
 
 # Dense bf16 peak per chip, by `device_kind` prefix (vendor datasheets).
 _PEAK_BY_KIND = (
@@ -34,6 +39,46 @@ def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def cpu_peak(cache_dir: str | None = None) -> tuple[float, str]:
+    """(this host's measured matmul peak, where it came from), measured once per machine and cached.
+
+    The measurement costs seconds at every start on a busy machine, and a run's MFU is more comparable
+    across runs against one denominator. The cache (CHAMELEON_JAX_CACHE/cpu_peak.json) is keyed by the
+    CPU model, core count, device count and XLA_FLAGS; delete it to measure again.
+    """
+    key = "|".join((_cpu_model(), str(os.cpu_count()), str(jax.device_count()), os.environ.get("XLA_FLAGS", "")))
+    path = os.path.join(cache_dir or storage.default_cache_dir(), "cpu_peak.json")
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key]), f"measured (cpu matmul, cached in {path})"
+    peak = measure_cpu_peak()
+    known[key] = peak
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only cache only costs the measurement next time
+    return peak, "measured (cpu matmul, one host)"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def peak_flops(devices=None, override: float = 0.0) -> tuple[float, str]:
     """(total peak FLOP/s over the local devices times the process count, where it came from)."""
     if override:
@@ -42,7 +87,7 @@ def peak_flops(devices=None, override: float = 0.0) -> tuple[float, str]:
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         # Fake CPU devices share the same cores: the host's peak is the peak of all of them together.
-        return measure_cpu_peak(), "measured (cpu matmul, one host)"
+        return cpu_peak()
     for prefix, flops in _PEAK_BY_KIND:
         if kind.startswith(prefix):
             return flops * len(devices) * jax.process_count(), f"datasheet ({kind})"
