@@ -19,9 +19,10 @@ from jax.extend import core as jax_core
 from chameleon_jax import model as model_lib
 from chameleon_jax.config import base_config
 from chameleon_jax.data import sources
-from chameleon_jax.model import ModelConfig
+from chameleon_jax.model import ModelConfig, attention
 from chameleon_jax.model import loss as loss_lib
 from chameleon_jax.model import sharding as shd
+from chameleon_jax.model.transformer import RMSNorm
 from chameleon_jax.train import optimizer
 from chameleon_jax.train import step as step_lib
 from numerics import gamma
@@ -110,6 +111,20 @@ def test_global_norm_sums_bf16_leaves_in_fp32():
     assert got.dtype == jnp.float32
     assert abs(float(got) - exact) <= gamma(n + 2) * exact
     assert abs(float(optax.tree.norm(tree)) - exact) > gamma(n + 2) * exact  # the bf16 sum would fail
+
+
+def test_rope_and_rmsnorm_compute_in_fp32_and_round_once():
+    """On bf16 input, RoPE and RMSNorm give their fp32 result rounded once to bf16, bit for bit. Done in
+    bf16, every product would be rounded on the way, and some elements would differ."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 16, 4, 32)) * 3.0, jnp.bfloat16)
+    rope = attention.rope_table(jnp.broadcast_to(jnp.arange(16), (2, 16)), 32, 10_000.0, size=16)
+    np.testing.assert_array_equal(attention.apply_rope(x, rope),
+                                  attention.apply_rope(x.astype(jnp.float32), rope).astype(jnp.bfloat16))
+    norm = RMSNorm(32, 1e-5, "float32")
+    norm.scale[...] = jnp.asarray(rng.normal(size=(32,)), jnp.float32)
+    assert norm(x).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(norm(x), norm(x.astype(jnp.float32)).astype(jnp.bfloat16))
 
 
 # ------------------------------------------------------------------------------------------------
