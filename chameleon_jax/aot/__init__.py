@@ -181,6 +181,15 @@ def dcn_by_axes(transfers: list[DcnTransfer], mesh) -> dict[str, dict]:
     return dict(out)
 
 
+def optimized_hlo_text(dump_dir: str | os.PathLike) -> str:
+    """The train step's HLO after optimizations, from a compile with `hlo_dump=dump_dir`."""
+    files = sorted(Path(dump_dir).glob("*jit_step*after_optimizations.txt"), key=lambda f: f.stat().st_size)
+    if not files:
+        raise FileNotFoundError(f"no *jit_step*after_optimizations.txt under {dump_dir}: compile with "
+                                f"compile_train_step(..., hlo_dump={str(dump_dir)!r}) (not from a compilation cache)")
+    return files[-1].read_text()
+
+
 @dataclasses.dataclass
 class AotReport:
     """Per-chip memory of the compiled train step (bytes), as XLA's buffer assignment sees it."""
@@ -227,8 +236,14 @@ class AotReport:
         return out
 
 
-def compile_train_step(config, topology: str) -> tuple[AotReport, object]:
-    """Compiles the real train step for `topology`; returns the report and the Compiled (or None)."""
+def compile_train_step(config, topology: str, hlo_dump: str | None = None) -> tuple[AotReport, object]:
+    """Compiles the real train step for `topology`; returns the report and the Compiled (or None).
+
+    `hlo_dump`: a local folder where the compiler writes the optimized HLO as text
+    (`*after_optimizations.txt`; read it with `optimized_hlo_text`). `compiled.as_text()` goes through
+    jaxlib's HLO proto round trip, which refuses some large programs libtpu emits ("async-update
+    instruction should have 1 operands but sees 3").
+    """
     hbm = chip_hbm_bytes(topology)
     slices = int(config.mesh.get("slices", 1))
     devices = topology_devices(topology, slices)
@@ -242,8 +257,13 @@ def compile_train_step(config, topology: str) -> tuple[AotReport, object]:
         try:
             with jax.set_mesh(mesh), shd.activation_rules(rules):
                 jitted = step_lib.jit_train_step(step_fn, mesh, shardings)
-                compiled = jitted.lower(state, batch).compile(
-                    compiler_options={"xla_dump_to": dump} if slices > 1 else None)
+                options = {}
+                if slices > 1:
+                    options["xla_dump_to"] = dump
+                if hlo_dump:
+                    options.update(xla_dump_to=hlo_dump if slices == 1 else dump, xla_dump_hlo_as_text=True,
+                                   xla_dump_hlo_module_re="jit_step")
+                compiled = jitted.lower(state, batch).compile(compiler_options=options or None)
         except Exception as e:  # XLA:TPU refuses programs that cannot fit in HBM: report, don't crash
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -257,6 +277,9 @@ def compile_train_step(config, topology: str) -> tuple[AotReport, object]:
         report.compile_seconds = time.perf_counter() - start
         if slices > 1:
             report.dcn = dcn_by_axes(dcn_transfers(dump), mesh)
+            if hlo_dump:
+                for f in Path(dump).glob("*after_optimizations.txt"):
+                    (Path(hlo_dump) / f.name).write_text(f.read_text())
     mem = compiled.memory_analysis()
     report.argument_bytes = int(mem.argument_size_in_bytes)
     report.output_bytes = int(mem.output_size_in_bytes)

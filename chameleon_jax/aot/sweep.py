@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import tempfile
 import time
 from typing import Callable, Iterable
 
@@ -149,22 +150,27 @@ def compile_probe(case: Case, config, plan: Plan, *, hbm_limit: int | None = Non
     topology = case.topology
     limit = int(hbm_limit or aot.chip_hbm_bytes(topology))
     c = plan_config(config, plan)
-    report, compiled = aot.compile_train_step(c, topology)
-    probe = Probe(case.key, topology, dataclasses.asdict(plan), False, limit, report.total_bytes,
-                  report.temp_bytes, report.argument_bytes, report.compile_seconds, error=report.error)
-    if compiled is None:
-        return probe
-    probe.fits = report.total_bytes <= limit
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    probe.xla_flops = float(analysis.get("flops", 0.0))
-    cost = hlo.step_cost(compiled.as_text(), report.chips)
+    with tempfile.TemporaryDirectory(prefix="fit_hlo_") as dump:
+        report, compiled = aot.compile_train_step(c, topology, hlo_dump=dump)
+        probe = Probe(case.key, topology, dataclasses.asdict(plan), False, limit, report.total_bytes,
+                      report.temp_bytes, report.argument_bytes, report.compile_seconds, error=report.error)
+        if compiled is None:
+            return probe
+        probe.fits = report.total_bytes <= limit
+        model_cfg = aot.validate(c, num_devices=report.chips)
+        seq = int(c.train.seq_len)
+        tokens = plan.global_batch * seq
+        probe.tokens_per_chip = tokens / report.chips
+        probe.model_flops = flops_lib.train_flops_per_token(model_cfg, seq) * tokens / report.chips
+        try:  # keep the memory figures of a compile that took minutes, whatever fails below
+            analysis = compiled.cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+            probe.xla_flops = float(analysis.get("flops", 0.0))
+            cost = hlo.step_cost(aot.optimized_hlo_text(dump), report.chips)
+        except Exception as e:  # noqa: BLE001 (reported in the table's note column)
+            probe.error = f"HLO not read: {e}"[:500]
+            return probe
     probe.hlo = cost.as_dict()
-    model_cfg = aot.validate(c, num_devices=report.chips)
-    seq = int(c.train.seq_len)
-    tokens = plan.global_batch * seq
-    probe.tokens_per_chip = tokens / report.chips
-    probe.model_flops = flops_lib.train_flops_per_token(model_cfg, seq) * tokens / report.chips
     chip = roofline.chip(topology)
     probe.estimate = roofline.estimate(chip, flops=cost.flops, hbm_bytes=cost.hbm_bytes,
                                        wire_bytes=cost.wire_bytes, model_flops=probe.model_flops).as_dict()

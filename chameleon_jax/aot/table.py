@@ -31,6 +31,11 @@ def chip_table() -> list[str]:
 def probe_row(label: str, p: Probe, note: str = "") -> str:
     plan = p.plan_obj
     d, f, t = plan.mesh
+    if p.fits and not p.hlo:
+        return (f"| {label} | {d}/{f}/{t} | {plan.remat} | {plan.attention} | {plan.batch_per_shard} x "
+                f"{plan.microbatches} | {p.tokens_per_chip:,.0f} | {_gib(p.total_bytes)} of {_gib(p.hbm_limit)} "
+                f"({100 * (1 - p.total_bytes / p.hbm_limit):.0f}% spare) | — | {p.model_flops / 1e12:.1f} | — | — "
+                f"| — | — | {p.compile_seconds:.0f} | {note}; {p.error} |")
     if not p.hlo:
         return (f"| {label} | {d}/{f}/{t} | {plan.remat} | {plan.attention} | {plan.batch_per_shard} x "
                 f"{plan.microbatches} | — | {_gib(p.total_bytes or p.temp_bytes)} (does not fit) | — | — | — | — | — "
