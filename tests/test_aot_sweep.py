@@ -166,3 +166,19 @@ def test_config_plan_reads_the_mesh_and_refuses_a_global_batch_that_does_not_spl
     with pytest.raises(ValueError, match="microbatches"):
         sweep.config_plan(config, 256)               # 2,048 / (32 x 256) is not whole
     assert sweep.config_plan(config, 256, exact=False).mesh == (1, 256, 1)
+
+
+def test_a_probe_log_that_stops_mid_search_renders_the_largest_batch_it_holds(tmp_path):
+    from chameleon_jax.aot import table
+    config = sweep.load_config("experiments/tiny.py")
+    case = sweep.Case("tiny", "experiments/tiny.py", "v5e:2x2")
+    limit = 16 * aot.GiB
+    with pytest.raises(sweep.NotCompiled):
+        sweep.sweep_case(case, attention="xla", cache=sweep.ProbeCache(None), compile=False, config=config)
+    plan = dataclasses.replace(sweep.config_plan(config, 4, "xla"), batch_per_shard=1, microbatches=1)
+    cache = sweep.ProbeCache(str(tmp_path / "probes.jsonl"))
+    cache.put(sweep.Probe(case.key, case.topology, dataclasses.asdict(plan), True, limit, 2 * aot.GiB))
+    result = sweep.sweep_case(case, attention="xla", cache=sweep.ProbeCache(cache.path), compile=False,
+                              config=config, log=lambda s: None)
+    assert result.best.plan_obj == plan and len(result.probes) == 1
+    assert "2/shard not compiled" in "\n".join(table.results_table([result]))

@@ -224,7 +224,10 @@ def largest_fitting_batch(probe_at: Callable[[int], Probe], *, limit: int, slope
     lo, hi = 0, max_batch + 1
     b = max(1, min(start, max_batch))
     while len(probes) < max_probes:
-        p = probe_at(b)
+        try:
+            p = probe_at(b)
+        except NotCompiled:  # rendering from a probe log that stops here: report what it holds
+            break
         probes.append(p)
         if p.fits:
             fit[b] = p
@@ -315,7 +318,10 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
 
     result = CaseResult(case, None, [], [])
     if at_config:
-        result.at_config = measured(config_plan(config, chips, attention))
+        try:
+            result.at_config = measured(config_plan(config, chips, attention))
+        except NotCompiled:
+            pass
     for remat in order:
         family = (case.model, base.mesh[2], remat, attention)
         start, probes_left = 1, max_probes
@@ -344,6 +350,10 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
             result.best = best
             result.global_plan = global_batch_plan(best.plan_obj, int(config.train.batch_size))
             break
+        if not probes:  # not compiled (a probe log that ends here): no conclusion about this remat
+            break
+    if not compile and not result.probes and result.at_config is None:
+        raise NotCompiled(f"{case.key}: no probe in the log")
     return result
 
 

@@ -62,6 +62,11 @@ def results_table(results: list[CaseResult]) -> list[str]:
     rows = list(HEADER)
     for r in results:
         label = f"{r.case.model} {slice_name(r.case.topology)} `{r.case.topology}`"
+        if r.best is None and not r.probes:
+            if r.at_config is not None:
+                rows.append(probe_row(f"{label}, config's global batch", r.at_config,
+                                      "as the experiment config states; batch search not run"))
+            continue
         if r.best is None:
             rows.append(f"| {label} | — | {', '.join(r.remat_tried)} | — | nothing fits "
                         f"| | | | | | | | | | {len(r.probes)} compiles |")
