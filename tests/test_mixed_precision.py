@@ -6,9 +6,6 @@ gradient norm stay fp32. model.param_dtype="bfloat16" stores bf16 weights and ke
 The training runs use experiments/tiny.py on one device. They share one fp32 initialisation and one
 list of batches, so the only difference between the curves is the precision.
 """
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,17 +23,14 @@ from chameleon_jax.model.transformer import RMSNorm
 from chameleon_jax.train import optimizer
 from chameleon_jax.train import step as step_lib
 from numerics import gamma
+from test_config import load  # experiments/<name>.py's get_config
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 STEPS = 40
 BF16_EPS = 2.0 ** -8  # relative spacing of bf16 (8-bit significand): one rounding moves a value by < 2^-8
 
 
 def tiny_config(dtype="float32", param_dtype="float32"):
-    spec = importlib.util.spec_from_file_location("tiny", EXPERIMENTS / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load("tiny")
     config.model.update(dtype=dtype, param_dtype=param_dtype)
     return config
 
