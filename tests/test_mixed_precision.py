@@ -227,14 +227,17 @@ def initial_state(mesh):
     return jax.device_get(state)
 
 
-def train(config, state, batches, mesh, microbatches=1):
-    """Runs the jitted train step over `batches` from the host `state`: (losses, state, metrics)."""
+def train(config, state, batches, mesh):
+    """Runs the jitted train step over `batches` from the host `state`.
+
+    Returns the per-step losses and loss-bearing token counts, the final state and the last metrics.
+    """
     cfg = ModelConfig.from_config(config.model)
     tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
     shardings = shd.named(mesh, step_lib.state_specs(cfg, tx))
     step = step_lib.jit_train_step(
-        step_lib.make_train_step(model_lib.abstract(cfg)[0], cfg, tx, step_lib.LossConfig.from_config(config.loss),
-                                 microbatches=microbatches), mesh, shardings)
+        step_lib.make_train_step(model_lib.abstract(cfg)[0], cfg, tx, step_lib.LossConfig.from_config(config.loss)),
+        mesh, shardings)
     losses, tokens = [], []
     with jax.set_mesh(mesh):
         state = jax.device_put(state, shardings)
