@@ -182,3 +182,40 @@ def test_a_probe_log_that_stops_mid_search_renders_the_largest_batch_it_holds(tm
                               config=config, log=lambda s: None)
     assert result.best.plan_obj == plan and len(result.probes) == 1
     assert "2/shard not compiled" in "\n".join(table.results_table([result]))
+
+
+def test_splash_kernels_count_as_causal_attention_matmuls_and_other_kernels_as_opaque():
+    # Query [heads=4, T=256, D=16] per call, inside a 2-layer loop (trip count from the condition).
+    text = """HloModule m
+
+%body (p: (s32[], f32[4,256,16])) -> (s32[], f32[4,256,16]) {
+  %p = (s32[], f32[4,256,16]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %q = f32[4,256,16]{2,1,0} get-tuple-element(%p), index=1
+  %flag = s8[1,1,1]{2,1,0} constant({...})
+  %splash_mha_fwd_segmented_residuals.1 = (f32[4,256,16]{2,1,0}) custom-call(%flag, %q, %q, %q), custom_call_target="tpu_custom_call"
+  %splash_mha_dq_segmented_no_residuals.1 = (f32[4,256,16]{2,1,0}) custom-call(%flag, %q, %q, %q), custom_call_target="tpu_custom_call"
+  %splash_mha_dkv_segmented_no_residuals.1 = (f32[4,256,16]{2,1,0}) custom-call(%flag, %q, %q, %q), custom_call_target="tpu_custom_call"
+  %other_kernel = f32[4,256,16]{2,1,0} custom-call(%q), custom_call_target="tpu_custom_call"
+  %buffer = f32[4,256,16]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"
+  ROOT %t = (s32[], f32[4,256,16]{2,1,0}) tuple(%i, %q)
+}
+
+%cond (p.1: (s32[], f32[4,256,16])) -> pred[] {
+  %p.1 = (s32[], f32[4,256,16]{2,1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %n = s32[] constant(2)
+  ROOT %lt = pred[] compare(%i.1, %n), direction=LT
+}
+
+ENTRY %main (a: f32[4,256,16]) -> (s32[], f32[4,256,16]) {
+  %a = f32[4,256,16]{2,1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4,256,16]{2,1,0}) tuple(%zero, %a)
+  ROOT %w = (s32[], f32[4,256,16]{2,1,0}) while(%init), condition=%cond, body=%body
+}
+"""
+    cost = hlo.step_cost(text, num_devices=4)
+    per_matmul = 4 * 256 * 16 * 256  # E·T: 2·E·T for a full T×T matmul, halved by the causal mask
+    assert cost.flops == 2 * (2 + 3 + 4) * per_matmul
+    assert cost.opaque_calls == 2  # the other Pallas kernel, twice; AllocateBuffer is bookkeeping

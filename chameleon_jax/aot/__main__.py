@@ -37,6 +37,7 @@ _PROBES = flags.DEFINE_string("probes", "docs/results/fit_probes.jsonl", "Every 
 _OUT = flags.DEFINE_string("out", None, "Write the Markdown table here (else print it).")
 _COMPILE = flags.DEFINE_bool("compile", True, "With --nocompile, make the table from the probe log only "
                               "(cases it does not cover are listed as not finished).")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Keep each compiled program's optimized HLO here (gzip).")
 _NOTE = flags.DEFINE_string("note", "", "A sentence for the table's header (e.g. which source tree ran).")
 
 
@@ -47,7 +48,7 @@ def main(argv):
         text = fit.run(_CASES.value, attention=_ATTENTION.value, remats=_REMATS.value,
                        hbm_limit_gib=_HBM_LIMIT_GIB.value, max_probes=_MAX_PROBES.value,
                        at_config=_AT_CONFIG.value, probes=_PROBES.value, out=_OUT.value, note=_NOTE.value,
-                       compile=_COMPILE.value)
+                       compile=_COMPILE.value, hlo_dir=_HLO_DIR.value)
         if not _OUT.value:
             print(text)
         return

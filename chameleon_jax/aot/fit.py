@@ -126,7 +126,8 @@ def _cpu_count() -> int:
 
 
 def run(cases: str, *, attention: list[str], remats: list[str], hbm_limit_gib: float | None, max_probes: int,
-        at_config: list[str], probes: str | None, out: str | None, note: str = "", compile: bool = True) -> str:
+        at_config: list[str], probes: str | None, out: str | None, note: str = "", compile: bool = True,
+        hlo_dir: str | None = None) -> str:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m chameleon_jax.aot " + " ".join(sys.argv[1:])
     todo = sweep.parse_cases(cases)
@@ -144,7 +145,8 @@ def run(cases: str, *, attention: list[str], remats: list[str], hbm_limit_gib: f
             try:
                 results.append(sweep.sweep_case(case, attention=kernel, remats=remats, cache=cache, hbm_limit=limit,
                                                 slopes=slopes, at_config=case.key in at_config, max_probes=max_probes,
-                                                log=lambda s: print(s, flush=True), compile=compile))
+                                                log=lambda s: print(s, flush=True), compile=compile,
+                                                hlo_dir=hlo_dir))
             except sweep.NotCompiled as e:
                 print(f"  not in the probe log, skipped: {e}", flush=True)
                 missing.append(case)

@@ -11,8 +11,11 @@ conditional branches, reducers) runs once per call. Then, per step and per chip:
   chip puts on the wire in a ring (bandwidth-optimal) implementation over a group of n chips:
   all-gather (n-1)/n of the result, reduce-scatter and all-to-all (n-1)/n of the operand, all-reduce
   2(n-1)/n of the operand (a reduce-scatter then an all-gather), collective-permute the operand;
-- matmul FLOPs: 2·(output elements)·(contracted elements) for every `dot` and `convolution`
-  (custom calls, e.g. a Pallas kernel, are opaque and not counted);
+- matmul FLOPs: 2·(output elements)·(contracted elements) for every `dot` and `convolution`;
+  custom calls are opaque, except the Pallas splash attention kernels, which carry no cost in the
+  HLO: each is counted from its query operand [.., T, D] (E elements) as matmuls of a causal
+  (half-masked) T×T attention, E·T FLOPs per matmul: forward 2 (QKᵀ, PV), dq 3 (QKᵀ recomputed,
+  dP, dQ), dkv 4 (QKᵀ recomputed, dV, dP, dK);
 - HBM bytes: operands plus results of every instruction outside fused computations (a fusion
   reads its inputs from and writes its outputs to memory; what happens inside stays on chip),
   skipping buffers placed in on-chip memory (layout `S(1)`) and pure bookkeeping ops.
@@ -218,6 +221,7 @@ class StepCost:
     flops: float                         # dot + convolution FLOPs
     hbm_bytes: float                     # operands + results of unfused instructions
     unknown_trip_counts: int             # while loops counted once because no trip count was found
+    opaque_calls: int = 0                # custom-call executions whose FLOPs are unknown (not counted)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -240,6 +244,23 @@ def _dot_flops(inst: Instruction, types: dict[str, str]) -> float:
     return 2.0 * out * math.prod(dims) / dims[m[1].index("o")]
 
 
+# Matmuls of the splash attention kernels by the name the kernel gives its custom call.
+_SPLASH_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+
+
+def _splash_flops(inst: Instruction, types: dict[str, str]) -> float | None:
+    """FLOPs of one splash kernel call, or None when `inst` is another custom call."""
+    kernel = next((k for k in _SPLASH_MATMULS if inst.name.startswith(k)), None)
+    if kernel is None:
+        return None
+    for operand in inst.operands:
+        found = arrays(types.get(operand, ""))
+        if found and found[0][0].startswith(("f", "bf")) and len(found[0][1]) >= 3:
+            dims = found[0][1]
+            return _SPLASH_MATMULS[kernel] * math.prod(dims) * dims[-2]
+    return None
+
+
 def step_cost(text: str, num_devices: int) -> StepCost:
     """Collectives, matmul FLOPs and HBM traffic of one execution of a compiled program, per chip."""
     module = Module.parse(text)
@@ -247,6 +268,7 @@ def step_cost(text: str, num_devices: int) -> StepCost:
     coll_bytes: dict[str, float] = collections.defaultdict(float)
     coll_count: dict[str, int] = collections.defaultdict(int)
     wire = flops = hbm = 0.0
+    opaque = 0
     for name, instructions in module.computations.items():
         runs = counts.get(name, 0)
         if not runs:
@@ -270,8 +292,14 @@ def step_cost(text: str, num_devices: int) -> StepCost:
                 wire += sent * runs
             if inst.opcode in ("dot", "convolution"):
                 flops += _dot_flops(inst, types) * runs
+            elif inst.opcode == "custom-call":
+                kernel_flops = _splash_flops(inst, types)
+                if kernel_flops is None:
+                    opaque += runs * ('custom_call_target="tpu_custom_call"' in inst.attrs)
+                else:
+                    flops += kernel_flops * runs
             if role.get(name) in ("entry", "control") and inst.opcode not in _NO_MEMORY_TRAFFIC \
                     and not inst.opcode.endswith("-done"):
                 hbm += runs * (type_bytes(inst.type, hbm_only=True)
                                + sum(type_bytes(types.get(o, ""), hbm_only=True) for o in inst.operands))
-    return StepCost(dict(coll_bytes), dict(coll_count), wire, flops, hbm, unknown)
+    return StepCost(dict(coll_bytes), dict(coll_count), wire, flops, hbm, unknown, opaque)

@@ -145,8 +145,10 @@ class Probe:
         return Plan(**p)
 
 
-def compile_probe(case: Case, config, plan: Plan, *, hbm_limit: int | None = None) -> Probe:
-    """Compiles `plan` of `config` for the case's slice and measures it."""
+def compile_probe(case: Case, config, plan: Plan, *, hbm_limit: int | None = None,
+                  hlo_dir: str | None = None) -> Probe:
+    """Compiles `plan` of `config` for the case's slice and measures it. `hlo_dir`: also keep the
+    optimized HLO there (gzip), to read it again without recompiling."""
     topology = case.topology
     limit = int(hbm_limit or aot.chip_hbm_bytes(topology))
     c = plan_config(config, plan)
@@ -166,7 +168,16 @@ def compile_probe(case: Case, config, plan: Plan, *, hbm_limit: int | None = Non
             analysis = compiled.cost_analysis()
             analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
             probe.xla_flops = float(analysis.get("flops", 0.0))
-            cost = hlo.step_cost(aot.optimized_hlo_text(dump), report.chips)
+            text = aot.optimized_hlo_text(dump)
+            if hlo_dir:
+                import gzip
+                import hashlib
+                from etils import epath
+                name = f"{case.key}-{hashlib.sha1(json.dumps(probe.plan).encode()).hexdigest()[:10]}.hlo.gz"
+                epath.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+                (epath.Path(hlo_dir) / name.replace(":", "_").replace("@", "_")).write_bytes(
+                    gzip.compress(text.encode()))
+            cost = hlo.step_cost(text, report.chips)
         except Exception as e:  # noqa: BLE001 (reported in the table's note column)
             probe.error = f"HLO not read: {e}"[:500]
             return probe
@@ -289,7 +300,7 @@ class CaseResult:
 def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, cache: ProbeCache | None = None,
                hbm_limit: int | None = None, slopes: dict | None = None, at_config: bool = False,
                max_probes: int = 6, log: Callable[[str], None] = print, config=None,
-               compile: bool = True) -> CaseResult:
+               compile: bool = True, hlo_dir: str | None = None) -> CaseResult:
     """Searches the largest fitting batch for one case: the config's remat first, then each of
     `remats` in turn while batch 1 does not fit. `config`: the case's experiment config, if already
     loaded (else read from case.config). With `compile=False` only logged probes are used and a
@@ -310,7 +321,7 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
             raise NotCompiled(f"{case.key}: {plan.label()}")
         start = time.perf_counter()
         log(f"  compiling {case.model} for {slice_name(case.topology)}: {plan.label()} ...")
-        p = compile_probe(case, config, plan, hbm_limit=limit)
+        p = compile_probe(case, config, plan, hbm_limit=limit, hlo_dir=hlo_dir)
         log(f"    {'fits' if p.fits else 'does not fit'}: {aot.format_bytes(p.total_bytes or p.temp_bytes)} of "
             f"{aot.format_bytes(limit)} ({time.perf_counter() - start:.0f} s)")
         cache.put(p)

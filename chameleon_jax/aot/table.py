@@ -42,6 +42,8 @@ def probe_row(label: str, p: Probe, note: str = "") -> str:
                 f"| — | {p.compile_seconds:.0f} | {note} |")
     e = p.estimate or {}
     h = p.hlo
+    if h.get("opaque_calls"):
+        note += f"; {h['opaque_calls']} kernel calls of unknown FLOPs"
     spare = 1 - p.total_bytes / p.hbm_limit
     return (f"| {label} | {d}/{f}/{t} | {plan.remat} | {plan.attention} | {plan.batch_per_shard} x "
             f"{plan.microbatches} | {p.tokens_per_chip:,.0f} | {_gib(p.total_bytes)} of {_gib(p.hbm_limit)} "
