@@ -84,6 +84,10 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
         errors.append(f"model.block_order={m.block_order!r}; choose 'prenorm' (7B) or 'swin' (34B).")
     if m.remat not in REMAT_POLICIES:
         errors.append(f"model.remat={m.remat!r}; choose one of {REMAT_POLICIES}.")
+    for field in ("dtype", "param_dtype"):
+        if m.get(field, "float32") not in ("float32", "bfloat16"):
+            errors.append(f"model.{field}={m.get(field)!r}; choose 'float32' or 'bfloat16' "
+                          "(bf16 activations over fp32 weights: model.dtype='bfloat16').")
     if m.attention not in ATTENTION_KERNELS:
         errors.append(f"model.attention={m.attention!r}; choose one of {ATTENTION_KERNELS} "
                       f"('auto' = splash on TPU, the XLA path elsewhere).")

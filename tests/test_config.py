@@ -75,3 +75,12 @@ def test_all_errors_reported_together():
     c.model.remat = "everything"
     msg = error_of(c)
     assert "n_kv_heads=3" in msg and "model.remat='everything'" in msg
+
+
+def test_a_misspelled_dtype_names_the_choices():
+    c = load("tiny")
+    c.model.update(dtype="bf16", param_dtype="float16")
+    msg = error_of(c)
+    assert "model.dtype='bf16'" in msg and "model.param_dtype='float16'" in msg and "'bfloat16'" in msg
+    c.model.update(dtype="bfloat16", param_dtype="bfloat16")
+    validate(c, num_devices=8)  # both spelled right: valid
