@@ -85,8 +85,8 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
     if m.remat not in REMAT_POLICIES:
         errors.append(f"model.remat={m.remat!r}; choose one of {REMAT_POLICIES}.")
     for field in ("dtype", "param_dtype"):
-        if m.get(field, "float32") not in ("float32", "bfloat16"):
-            errors.append(f"model.{field}={m.get(field)!r}; choose 'float32' or 'bfloat16' "
+        if getattr(m, field) not in ("float32", "bfloat16"):
+            errors.append(f"model.{field}={getattr(m, field)!r}; choose 'float32' or 'bfloat16' "
                           "(bf16 activations over fp32 weights: model.dtype='bfloat16').")
     if m.attention not in ATTENTION_KERNELS:
         errors.append(f"model.attention={m.attention!r}; choose one of {ATTENTION_KERNELS} "
