@@ -66,9 +66,13 @@ def document(results: list[sweep.CaseResult], *, command: str, pending: list[swe
     lines += ["", "## Targets", ""] + target_lines(results)
     lines += ["", "## Published anchors (measured on TPUs, unlike the estimates above)", ""] + ANCHORS
     if pending:
+        seconds = [p.compile_seconds for r in results for p in r.probes + ([r.at_config] if r.at_config else [])]
+        why = (f" Each compile took {min(seconds) / 60:.0f}-{max(seconds) / 60:.0f} min on this shared machine "
+               f"({len(seconds)} compiles so far); a case needs 2-4." if seconds else "")
         lines += ["", "## Not finished", "",
                   "These cases had not finished when this file was written: "
-                  + ", ".join(f"{c.model} on {sweep.slice_name(c.topology)} (`{c.topology}`)" for c in pending) + "."]
+                  + ", ".join(f"{c.model} on {sweep.slice_name(c.topology)} (`{c.topology}`)" for c in pending)
+                  + "." + why + " Rerunning the same command resumes from the probe log."]
     return "\n".join(lines) + "\n"
 
 
