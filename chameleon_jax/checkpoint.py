@@ -39,6 +39,20 @@ from chameleon_jax import storage
 log = logging.getLogger(__name__)
 
 
+def _orbax_dir(directory) -> epath.Path:
+    """storage.resolve for the folders Orbax writes arrays into, which must be local or gs://.
+
+    Orbax 0.12 hands TensorStore a remote kvstore for gs:// only: an s3:// folder becomes the local path
+    ./s3:/... (OCDBT then refuses it as relative, after writing part of the step there)."""
+    path = storage.resolve(directory)
+    scheme = str(path).split("://", 1)[0] if "://" in str(path) else ""
+    if scheme not in ("", "gs"):
+        raise ValueError(f"{path}: checkpoints can be written to a local folder or gs:// only (Orbax stores "
+                         f"{scheme}:// arrays on the local disk); use a gs:// bucket, or mount the bucket "
+                         f"(e.g. mountpoint-s3 or gcsfuse) and pass the mounted path.")
+    return path
+
+
 def make_manager(directory, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """A manager that keeps the latest `keep` steps plus every `keep_every`-th step for good.
@@ -52,7 +66,7 @@ def make_manager(directory, *, keep: int = 3, keep_every: int = 0, async_save: b
         preservation_policy=policies.AnyPreservationPolicy(keepers),
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
         cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(storage.resolve(directory), options=options)
+    return ocp.CheckpointManager(_orbax_dir(directory), options=options)
 
 
 class _FrozenIterator(grain.DatasetIterator):
@@ -123,7 +137,7 @@ def _reader(directory) -> ocp.CheckpointManager:
         read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"restore-p{me}"))
-    return ocp.CheckpointManager(storage.resolve(directory), options=options)
+    return ocp.CheckpointManager(_orbax_dir(directory), options=options)
 
 
 _REASON_BYTES = 320
@@ -258,14 +272,14 @@ def restore_params(path, abstract_params) -> Any:
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(storage.resolve(step_dir / "state"), args=args)
+        restored = checkpointer.restore(_orbax_dir(step_dir / "state"), args=args)
     log.info("restored params from %s", step_dir)
     return restored["params"]
 
 
 def export_params(params, out_dir, config=None) -> epath.Path:
     """Writes a params-only checkpoint (`OUT/state` = {params}, `OUT/config.json`) for eval/serving."""
-    out_dir = storage.resolve(out_dir)  # a local folder or a gs:// prefix
+    out_dir = _orbax_dir(out_dir)  # a local folder or a gs:// prefix
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(out_dir / "state", args=ocp.args.PyTreeSave({"params": params}), force=True)
     if config is not None and jax.process_index() == 0:
