@@ -219,3 +219,36 @@ ENTRY %main (a: f32[4,256,16]) -> (s32[], f32[4,256,16]) {
     per_matmul = 4 * 256 * 16 * 256  # E·T: 2·E·T for a full T×T matmul, halved by the causal mask
     assert cost.flops == 2 * (2 + 3 + 4) * per_matmul
     assert cost.opaque_calls == 2  # the other Pallas kernel, twice; AllocateBuffer is bookkeeping
+
+
+def test_head_axis_convolutions_and_in_place_stack_updates_are_not_overcounted():
+    # XLA:TPU writes x[T,D] · Wq[D,N,H] as a convolution over N as a padded "spatial" axis of an input
+    # of spatial size 1: one tap per output lands on data (not N). A scan's write of one layer's
+    # activations into a stacked [L,T,F] buffer moves the slot, not the stack.
+    text = """HloModule m
+
+%fused_update (s: bf16[8,16,64], u: bf16[16,64], i: s32[]) -> bf16[8,16,64] {
+  %s = bf16[8,16,64]{2,1,0} parameter(0)
+  %u = bf16[16,64]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %u3 = bf16[1,16,64]{2,1,0} bitcast(%u)
+  %z = s32[] constant(0)
+  ROOT %dus = bf16[8,16,64]{2,1,0} dynamic-update-slice(%s, %u3, %i, %z, %z)
+}
+
+ENTRY %main (x: bf16[64,16,1], w: bf16[64,4,8], s: bf16[8,16,64], u: bf16[16,64], i: s32[]) -> (bf16[16,4,8], bf16[8,16,64]) {
+  %x = bf16[64,16,1]{1,0,2} parameter(0)
+  %w = bf16[64,4,8]{2,1,0} parameter(1)
+  %s = bf16[8,16,64]{2,1,0} parameter(2)
+  %u = bf16[16,64]{1,0} parameter(3)
+  %i = s32[] parameter(4)
+  %q = bf16[16,4,8]{2,1,0} convolution(%x, %w), window={size=4 pad=3_3 rhs_reversal=1}, dim_labels=fb0_i0o->b0f
+  %stack = bf16[8,16,64]{2,1,0} fusion(%s, %u, %i), kind=kLoop, calls=%fused_update
+  ROOT %t = (bf16[16,4,8]{2,1,0}, bf16[8,16,64]{2,1,0}) tuple(%q, %stack)
+}
+"""
+    cost = hlo.step_cost(text, num_devices=1)
+    assert cost.flops == 2 * (16 * 4 * 8) * 64          # one tap of the 4-wide window per output
+    slot = 16 * 64 * 2
+    convolution = (64 * 16 + 64 * 4 * 8 + 16 * 4 * 8) * 2
+    assert cost.hbm_bytes == convolution + slot + slot + 4   # the update and the s32 index read, the slot written

@@ -138,6 +138,9 @@ def run(cases: str, *, attention: list[str], remats: list[str], hbm_limit_gib: f
     kernels = attention or [default_attention()]
     limit = int(hbm_limit_gib * aot.GiB) if hbm_limit_gib else None
     cache = sweep.ProbeCache(probes)
+    if hlo_dir:  # the kept programs are read with today's aot.hlo
+        for p in cache.probes.values():
+            sweep.reread(p, hlo_dir, len(aot.topology_devices(p.topology)))
     slopes: dict = {}
     results: list[sweep.CaseResult] = []
     text = ""

@@ -31,6 +31,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 # Bytes per element of HLO's primitive types (xla_data.proto; 4-bit types packed two per byte).
@@ -234,14 +236,98 @@ def _dot_flops(inst: Instruction, types: dict[str, str]) -> float:
         dims = inst.attr("lhs_contracting_dims") or "{}"
         contracted = math.prod(lhs[0][1][int(i)] for i in re.findall(r"\d+", dims)) if lhs else 0
         return 2.0 * out * contracted
-    # convolution: each output element takes (kernel elements / kernel output features) MACs.
-    kernel = arrays(types.get(inst.operands[1], ""))
-    labels = inst.attr("dim_labels") or ""
-    m = re.match(r"[^_]*_([^-]*)->", labels)
-    if not kernel or not m or "o" not in m[1]:
+    # convolution: 2 · (output elements / output window positions) · (input features) · Σ over output
+    # window positions of the kernel taps that land on an input element. XLA:TPU writes dots with
+    # batch dimensions (heads) as convolutions over a padded "spatial" head axis where only one tap
+    # per output lands on data, so taps are counted exactly from the window, per spatial dimension.
+    lhs, kernel = arrays(types.get(inst.operands[0], "")), arrays(types.get(inst.operands[1], ""))
+    m = re.match(r"([^_]*)_([^-]*)->(.*)", inst.attr("dim_labels") or "")
+    if not lhs or not kernel or not m or "i" not in m[2]:
         return 0.0
-    dims = kernel[0][1]
-    return 2.0 * out * math.prod(dims) / dims[m[1].index("o")]
+    lhs_labels, kernel_labels, out_labels = m[1], m[2], m[3]
+    ldims, kdims, odims = lhs[0][1], kernel[0][1], arrays(inst.type)[0][1]
+    window = _window(inst.attr("window") or "{}")
+    per_position, positions = 1.0, 1
+    for j, c in enumerate(sorted(ch for ch in kernel_labels if ch.isdigit())):
+        size_in, size_k, size_out = ldims[lhs_labels.index(c)], kdims[kernel_labels.index(c)], odims[out_labels.index(c)]
+        get = lambda key, default: window.get(key, [default] * (j + 1))[j]
+        o = np.arange(size_out)[:, None]
+        k = np.arange(size_k)[None, :]
+        lhs_dilate = int(get("lhs_dilate", 1))
+        pos = o * int(get("stride", 1)) + k * int(get("rhs_dilate", 1)) - int(get("pad", "0_0").split("_")[0])
+        valid = (pos >= 0) & (pos <= (size_in - 1) * lhs_dilate) & (pos % lhs_dilate == 0)
+        per_position *= float(valid.sum())
+        positions *= size_out
+    return 2.0 * (out / positions) * kdims[kernel_labels.index("i")] * per_position
+
+
+def _window(text: str) -> dict[str, list[str]]:
+    """`{size=1x4 pad=0_0x3_3 stride=1x3}` -> {"size": ["1", "4"], "pad": ["0_0", "3_3"], ...}."""
+    return {k: v.split("x") for k, v in re.findall(r"(\w+)=([\w_]+)", text.strip("{}"))}
+
+
+_SLICING = ("dynamic-slice", "slice", "gather")
+
+
+def _memory_traffic(module: Module, inst: Instruction, types: dict[str, str]) -> float:
+    """Bytes an unfused instruction moves to and from HBM: its operands and results, except that
+    a slice reads only its result's worth, and an in-place dynamic-update-slice (a scan writing one
+    layer's slot of a stacked buffer) writes only the update. Inside a fusion the same holds for a
+    parameter that is only sliced and for a root that updates a parameter in place."""
+    if inst.opcode in _SLICING:
+        return 2 * type_bytes(inst.type, hbm_only=True)
+    if inst.opcode == "dynamic-update-slice":
+        return 2 * type_bytes(types.get(inst.operands[1], ""), hbm_only=True)
+    operand_bytes = [type_bytes(types.get(o, ""), hbm_only=True) for o in inst.operands]
+    result_bytes = type_bytes(inst.type, hbm_only=True)
+    fused = module.computations.get((inst.attr("calls") or "").lstrip("%")) if inst.opcode == "fusion" else None
+    if fused:
+        ftypes = {i.name: i.type for i in fused}
+        params = {int(i.args): i.name for i in fused if i.opcode == "parameter" and i.args.isdigit()}
+        users: dict[str, list[Instruction]] = {}
+        for i in fused:
+            for o in i.operands:
+                users.setdefault(o, []).append(i)
+        def sliced(comp: list[Instruction], name: str, depth: int = 0) -> float | None:
+            """Bytes read from `name` in `comp` if every use (through bitcasts and nested fusions)
+            only slices it; None when some use reads all of it."""
+            use = [i for i in comp if name in i.operands]
+            if not use or depth > 6:
+                return None
+            total = 0.0
+            for u in use:
+                inner = None
+                if u.opcode in _SLICING:
+                    inner = type_bytes(u.type, hbm_only=True)
+                elif u.opcode == "bitcast":
+                    inner = sliced(comp, u.name, depth + 1)
+                elif u.opcode == "fusion":
+                    body = module.computations.get((u.attr("calls") or "").lstrip("%"), [])
+                    inner_params = {int(i.args): i.name for i in body if i.opcode == "parameter" and i.args.isdigit()}
+                    parts = [sliced(body, inner_params[k], depth + 1)
+                             for k, o in enumerate(u.operands) if o == name and k in inner_params]
+                    inner = None if not parts or None in parts else sum(parts)
+                if inner is None:
+                    return None
+                total += inner
+            return total
+
+        root = fused[-1]
+        outputs = [next((i for i in fused if i.name == o), None) for o in root.operands] \
+            if root.opcode == "tuple" else [root]
+        in_place = {o.operands[0]: o for o in outputs if o is not None and o.opcode == "dynamic-update-slice"}
+        if in_place:  # a multi-output fusion writes only the updated slot of each buffer it updates
+            result_bytes = sum(type_bytes(ftypes.get(o.operands[1], ""), hbm_only=True)
+                               if o.opcode == "dynamic-update-slice" else type_bytes(o.type, hbm_only=True)
+                               for o in outputs if o is not None)
+        for index, name in params.items():
+            if index >= len(operand_bytes):
+                continue
+            if name in in_place and all(u is in_place[name] for u in users.get(name, [])):
+                operand_bytes[index] = 0.0  # updated in place
+            elif (read := sliced(fused, name)) is not None:
+                operand_bytes[index] = read
+    return result_bytes + sum(operand_bytes)
 
 
 # Matmuls of the splash attention kernels by the name the kernel gives its custom call.
@@ -300,6 +386,5 @@ def step_cost(text: str, num_devices: int) -> StepCost:
                     flops += kernel_flops * runs
             if role.get(name) in ("entry", "control") and inst.opcode not in _NO_MEMORY_TRAFFIC \
                     and not inst.opcode.endswith("-done"):
-                hbm += runs * (type_bytes(inst.type, hbm_only=True)
-                               + sum(type_bytes(types.get(o, ""), hbm_only=True) for o in inst.operands))
+                hbm += runs * _memory_traffic(module, inst, types)
     return StepCost(dict(coll_bytes), dict(coll_count), wire, flops, hbm, unknown, opaque)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
+import hashlib
 import json
 import math
 import tempfile
@@ -170,22 +172,37 @@ def compile_probe(case: Case, config, plan: Plan, *, hbm_limit: int | None = Non
             probe.xla_flops = float(analysis.get("flops", 0.0))
             text = aot.optimized_hlo_text(dump)
             if hlo_dir:
-                import gzip
-                import hashlib
                 from etils import epath
-                name = f"{case.key}-{hashlib.sha1(json.dumps(probe.plan).encode()).hexdigest()[:10]}.hlo.gz"
                 epath.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-                (epath.Path(hlo_dir) / name.replace(":", "_").replace("@", "_")).write_bytes(
-                    gzip.compress(text.encode()))
+                _hlo_file(hlo_dir, probe).write_bytes(gzip.compress(text.encode()))
             cost = hlo.step_cost(text, report.chips)
         except Exception as e:  # noqa: BLE001 (reported in the table's note column)
             probe.error = f"HLO not read: {e}"[:500]
             return probe
-    probe.hlo = cost.as_dict()
-    chip = roofline.chip(topology)
-    probe.estimate = roofline.estimate(chip, flops=cost.flops, hbm_bytes=cost.hbm_bytes,
-                                       wire_bytes=cost.wire_bytes, model_flops=probe.model_flops).as_dict()
+    _set_cost(probe, cost)
     return probe
+
+
+def _set_cost(probe: Probe, cost: hlo.StepCost) -> None:
+    probe.hlo = cost.as_dict()
+    probe.estimate = roofline.estimate(roofline.chip(probe.topology), flops=cost.flops, hbm_bytes=cost.hbm_bytes,
+                                       wire_bytes=cost.wire_bytes, model_flops=probe.model_flops).as_dict()
+
+
+def _hlo_file(hlo_dir: str, probe: Probe):
+    from etils import epath
+    digest = hashlib.sha1(json.dumps(probe.plan).encode()).hexdigest()[:10]
+    return epath.Path(hlo_dir) / f"{probe.case}-{digest}.hlo.gz".replace(":", "_").replace("@", "_")
+
+
+def reread(probe: Probe, hlo_dir: str, chips: int) -> bool:
+    """Reads a probe's kept HLO again (after a fix to aot.hlo); False when none was kept."""
+    f = _hlo_file(hlo_dir, probe)
+    if not probe.fits or not f.exists():
+        return False
+    _set_cost(probe, hlo.step_cost(gzip.decompress(f.read_bytes()).decode(), chips))
+    probe.error = ""
+    return True
 
 
 class ProbeCache:
