@@ -16,15 +16,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
 
 
-def pytest_xdist_auto_num_workers(config):
-    """Workers for `pytest -n auto`: one per two cores, at most 4, and none below 4 cores. The suite is
-    CPU-bound and many tests start 2-process training runs: on 2 vCPUs two workers ran it no faster
-    (326 tests in 14:23 against about 14 min in one process, 2026-12-02) and doubled the load under
-    the multi-process tests' time limits."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, cores // 2) if cores >= 4 else 0
-
-
 @pytest.fixture(scope="session")
 def gcs_server():
     """A real local GCS server (gcp-storage-emulator in a subprocess; tests/gcs.py), one per session."""
