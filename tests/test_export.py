@@ -1,0 +1,187 @@
+"""Export (`--to hf|meta`): random tiny models of ours -> HF / Meta layouts -> the same model.
+
+Every param leaf is random (norm scales, QK-norm vectors different per group), saved as a params export,
+then exported through the CLI entry point. HF: `from_pretrained` loads the folder and its fp32 logits match
+ours. Meta: our `--from meta` import reads the shards back bit-identically, and the shards equal an
+independent HF->Meta writer (test_convert_hf's), which pins the adjacent-pair RoPE rows and per-rank
+q/k-norm vectors that a self-consistent but wrong export/import pair would both get wrong.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import torch  # noqa: E402  (the `peers` extra: a missing peer fails, never skips)
+import transformers  # noqa: E402
+
+import jax  # noqa: E402
+
+from chameleon_jax import model as M  # noqa: E402
+from chameleon_jax.convert import experiment_config, load_converted, save_converted  # noqa: E402
+from numerics import chain_tol, transformer_lengths  # noqa: E402
+from test_convert_hf import (IMAGE_IDS, _hf_logits, _mixed_tokens, _our_logits, _write_meta_release,  # noqa: E402
+                             convert_main)
+
+VOCAB = 320
+IMAGE_ARGS = ["--image-ids", f"{IMAGE_IDS[0]}:{IMAGE_IDS[1]}"]  # Meta's params.json does not carry them
+MODELS = {
+    # 7B-style: MHA, pre-norm, one QK-norm group.
+    "prenorm_g1": dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16,
+                       ffn_dim=160, qk_norm_groups=1, block_order="prenorm"),
+    # 34B-style: GQA, swin order, 4 QK-norm groups (the released 30B's 4 ranks).
+    "swin_g4": dict(vocab_size=VOCAB, d_model=128, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8,
+                    ffn_dim=256, qk_norm_groups=4, block_order="swin"),
+}
+
+
+def _random_params(cfg: M.ModelConfig, seed: int) -> dict:
+    """Every leaf random: matrices fan-in scaled, norm scales around 1, QK-norm biases around 0."""
+    shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+
+    fan_in = {"wq": cfg.d_model, "wk": cfg.d_model, "wv": cfg.d_model, "wo": cfg.n_heads * cfg.head_dim,
+              "w1": cfg.d_model, "w3": cfg.d_model, "w2": cfg.ffn_dim, "output": cfg.d_model, "embedding": 1}
+
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return (("scale" in name) + 0.3 * rng.standard_normal(s.shape)).astype(np.float32)
+        return (rng.standard_normal(s.shape) * fan_in[path[-1].key] ** -0.5).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def exported(request, tmp_path_factory):
+    """(name, cfg, params, root) with root/ours a params export of random weights."""
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    config = experiment_config(MODELS[request.param], image_ids=IMAGE_IDS)
+    cfg = M.ModelConfig.from_config(config.model)
+    save_converted(str(root / "ours"), config, _random_params(cfg, seed=len(request.param)))
+    config, params = load_converted(str(root / "ours"))
+    return request.param, cfg, params, root
+
+
+@pytest.fixture(scope="module")
+def hf_folder(exported):
+    name, cfg, params, root = exported
+    convert_main(["--to", "hf", "--src", str(root / "ours"), "--out", str(root / "hf")])
+    model, info = transformers.ChameleonForConditionalGeneration.from_pretrained(
+        root / "hf", output_loading_info=True, attn_implementation="eager")
+    return model.float().eval(), info
+
+
+def test_hf_from_pretrained_loads_every_transformer_weight(exported, hf_folder):
+    name, cfg, _, root = exported
+    hf, info = hf_folder
+    assert not info["unexpected_keys"]
+    # Only the image tokenizer is missing (no VQ-GAN in this source): from_pretrained leaves it random.
+    assert info["missing_keys"] and all(k.startswith("model.vqmodel.") for k in info["missing_keys"])
+    c = hf.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size, c.model_parallel_size, c.swin_norm) == (
+        cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.qk_norm_groups,
+        cfg.block_order == "swin")
+    assert hf.model.vocabulary_mapping.image_tokens == list(range(*IMAGE_IDS))  # from loss.image_ids
+
+
+def test_hf_logits_match_ours(exported, hf_folder):
+    name, cfg, params, _ = exported
+    hf, _ = hf_folder
+    rng = np.random.default_rng(0)
+    tokens = np.stack([_mixed_tokens(rng, 24), _mixed_tokens(rng, 24)])
+    positions = np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape)
+    ours = _our_logits(cfg, params, tokens, np.ones_like(tokens), positions)
+    ref = _hf_logits(hf, tokens)
+    diff = np.abs(ours - ref).max()
+    print(f"{name}: max |logits diff| ours vs exported HF = {diff:.2e} (logits std {ref.std():.2f})")
+    assert ref.std() > 0.5  # logits carry signal, so the tolerance is meaningful
+    # fp32 on both sides, every sum in a different order. Along one logit's path the contraction lengths
+    # add to n ~ 1,300 (prenorm_g1) / 2,000 (swin_g4) (tests/numerics.py). Rounding errors of random sign
+    # grow like sqrt(n)*u per side: 2*sqrt(n)*2^-24*max|logit| ~ 1e-5 for |logit| <= 5, so 1e-4 leaves a
+    # 10x margin; the any-order worst case 2*gamma(n)*max|logit| (chain_tol, ~6e-4) also holds.
+    lengths = transformer_lengths(cfg, context=24)
+    typical = 2 * np.sqrt(sum(lengths)) * 2.0 ** -24 * np.abs(ref).max()
+    print(f"{name}: typical fp32 error {typical:.1e}, worst case {chain_tol(ref, lengths):.1e}")
+    assert diff <= min(1e-4, chain_tol(ref, lengths)), f"{name}: max |diff| {diff:.3g} > 1e-4"
+
+    if cfg.qk_norm_groups > 1:
+        # The group layout matters: HF rows in tile order (group g on heads g, g+G, ...) instead of
+        # repeat order (group g on its own consecutive heads) must break parity.
+        saved = {}
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if ".q_norm." in pname or ".k_norm." in pname:
+                    saved[pname] = p.clone()
+                    g, heads = cfg.qk_norm_groups, p.shape[0]
+                    p.copy_(p[::heads // g].repeat(heads // g, 1))
+            wrong = _hf_logits(hf, tokens)
+            for pname, p in hf.named_parameters():
+                if pname in saved:
+                    p.copy_(saved[pname])
+        assert np.abs(wrong - ours).max() > 1e-2
+
+
+def test_meta_round_trip_is_bit_identical(exported, hf_folder):
+    name, cfg, params, root = exported
+    hf, _ = hf_folder
+    convert_main(["--to", "meta", "--src", str(root / "ours"), "--out", str(root / "meta")])
+    files = sorted(p.name for p in (root / "meta").glob("consolidated*.pth"))
+    assert len(files) == cfg.qk_norm_groups  # one rank per QK-norm group by default
+    convert_main(["--from", "meta", "--src", str(root / "meta"), "--out", str(root / "back"), *IMAGE_ARGS])
+    config, back = load_converted(str(root / "back"))
+    assert M.ModelConfig.from_config(config.model) == cfg
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    for path, x in jax.tree_util.tree_leaves_with_path(back):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]), err_msg=f"{name} {path}")
+
+    # Against an independent writer of Meta's layout (HF's tensors -> adjacent-pair rows and per-shard
+    # norms with torch ops): every tensor of every rank equal. Leaving Wq in our half-split order would
+    # fail here even though the round trip above (our own inverse) would still pass.
+    _write_meta_release(hf, root / "meta_ref")
+    for f in files:
+        ours, ref = (torch.load(d / f, weights_only=True) for d in (root / "meta", root / "meta_ref"))
+        assert ours.keys() == ref.keys()
+        for key in ref:
+            if key != "rope.freqs":  # a buffer the reference leaves at zero; nobody loads it
+                assert torch.equal(ours[key], ref[key]), f"{name} {f} {key}"
+    # The RoPE reorder is not a no-op: rank 0's layer-0 Wq rows in our half-split order differ.
+    rank0 = np.asarray(params["blocks"]["attention"]["wq"][0])[:, :cfg.n_heads // len(files)]
+    written = torch.load(root / "meta" / files[0], weights_only=True)["layers.0.attention.wq.weight"]
+    assert not np.array_equal(written.numpy(), rank0.reshape(cfg.d_model, -1).T)
+
+def test_meta_export_to_more_ranks_than_groups(exported):
+    """R = 2G ranks: each group's vector on two ranks; the import then has 2G equal-in-pairs groups and
+    every other leaf bit-identical."""
+    name, cfg, params, root = exported
+    ranks = 2 * cfg.qk_norm_groups
+    convert_main(["--to", "meta", "--src", str(root / "ours"), "--out", str(root / f"meta{ranks}"),
+                  "--ranks", str(ranks)])
+    convert_main(["--from", "meta", "--src", str(root / f"meta{ranks}"), "--out", str(root / f"back{ranks}"),
+                  *IMAGE_ARGS])
+    config, back = load_converted(str(root / f"back{ranks}"))
+    assert config.model.qk_norm_groups == ranks
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    for path, x in jax.tree_util.tree_leaves_with_path(back):
+        want = np.asarray(flat[path])
+        if "_norm" in jax.tree_util.keystr(path) and want.ndim == 3:
+            want = np.repeat(want, 2, axis=1)
+        np.testing.assert_array_equal(np.asarray(x), want, err_msg=f"{name} {path}")
+
+
+def test_meta_refuses_fewer_ranks_than_qk_groups(tmp_path):
+    from chameleon_jax.convert.to_meta import write_meta
+
+    config = experiment_config(MODELS["swin_g4"], image_ids=IMAGE_IDS)
+    cfg = M.ModelConfig.from_config(config.model)
+    with pytest.raises(ValueError, match=r"--ranks 2: .*multiple of qk_norm_groups=4.*Pick --ranks in \[4, 8\]"):
+        write_meta(config, _random_params(cfg, 0), str(tmp_path), ranks=2)
+
+
+def test_cli_needs_exactly_one_direction(tmp_path):
+    from absl import app
+
+    for args in (["--src", "x", "--out", "y"], ["--from", "hf", "--to", "meta", "--src", "x", "--out", "y"]):
+        with pytest.raises(app.UsageError, match="exactly one of --from"):
+            convert_main(args)
