@@ -185,3 +185,95 @@ def test_cli_needs_exactly_one_direction(tmp_path):
     for args in (["--src", "x", "--out", "y"], ["--from", "hf", "--to", "meta", "--src", "x", "--out", "y"]):
         with pytest.raises(app.UsageError, match="exactly one of --from"):
             convert_main(args)
+
+
+# --- What travels with the model: text tokenizer, VQ-GAN; a training workdir as the source ---------------
+
+
+def _tiny_tokenizer_json(path):
+    """A word-level tokenizer in the chameleon id layout: specials 0..3, image tokens at IMAGE_IDS."""
+    import tokenizers
+
+    from chameleon_jax.text import image_token_name
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({image_token_name(c): i for c, i in enumerate(range(*IMAGE_IDS))})
+    for word in "a red circle on the left of blue square".split():
+        vocab[word] = len(vocab)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """A converted release: transformer params + OUT/vqgan + OUT/tokenizer/text_tokenizer.json."""
+    from chameleon_jax.convert import release
+    from chameleon_jax.vqgan import checkpoint as vq_checkpoint
+    from chameleon_jax.vqgan.model import VQGANConfig
+
+    root = tmp_path_factory.mktemp("bundled")
+    config = experiment_config(MODELS["prenorm_g1"], image_ids=IMAGE_IDS)
+    cfg = M.ModelConfig.from_config(config.model)
+    params = _random_params(cfg, seed=5)
+    save_converted(str(root / "ours"), config, params)
+    vq_cfg = VQGANConfig(resolution=16, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(),
+                         z_channels=4, embed_dim=4, n_embed=IMAGE_IDS[1] - IMAGE_IDS[0])
+    vq_params = vq_checkpoint.random_params(vq_cfg, seed=3)
+    release.save_vqgan(root / "ours", vq_cfg, vq_params)
+    tok = _tiny_tokenizer_json(root / "ours" / release.TOKENIZER)
+    return root, config, cfg, params, vq_cfg, vq_params, tok
+
+
+def test_hf_export_carries_the_tokenizer_and_the_vqgan(bundled, capsys):
+    from chameleon_jax.vqgan import model as vq_model
+
+    root, _, _, _, vq_cfg, vq_params, tok = bundled
+    convert_main(["--to", "hf", "--src", str(root / "ours"), "--out", str(root / "hf")])
+    assert "note:" not in capsys.readouterr().out  # nothing left out
+    hf, info = transformers.ChameleonForConditionalGeneration.from_pretrained(root / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert hf.model.vocabulary_mapping.image_tokens == list(range(*IMAGE_IDS))  # from the tokenizer's names
+
+    # The image tokenizer: HF's encoder + quantizer give our codes, as unified ids (code + 4).
+    images = np.random.default_rng(0).uniform(-1, 1, (2, vq_cfg.resolution, vq_cfg.resolution, 3)).astype(np.float32)
+    ours = np.asarray(jax.jit(vq_model.encode)(vq_params, images)).reshape(2, -1) + IMAGE_IDS[0]
+    with torch.no_grad():
+        theirs = hf.model.get_image_tokens(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_array_equal(theirs, ours)
+
+    # The text tokenizer: HF's AutoTokenizer gives the same ids as the tokenizer we converted with.
+    text = "a red circle on the left of a blue square"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, add_special_tokens=False).ids
+    assert hf_tok.pad_token_id == 1 and hf_tok.eos_token_id == 2
+
+
+def test_export_from_a_training_workdir(bundled):
+    """A workdir's latest checkpoint (train state with optimizer moments) exports its params; the
+    tokenizer and VQ-GAN come from the export the run was initialised from."""
+    from chameleon_jax import checkpoint as ckpt
+
+    root, config, cfg, params, *_ = bundled
+    config = config.copy_and_resolve_references()
+    config.init.checkpoint = str(root / "ours")
+    manager = ckpt.make_manager(root / "run" / "checkpoints", async_save=False)
+    for step, scale in ((1, 0.5), (2, 2.0)):  # the latest step must win
+        state = {"params": jax.tree.map(lambda x: np.asarray(x) * scale, params),
+                 "opt_state": jax.tree.map(np.zeros_like, params), "step": np.int32(step)}
+        ckpt.save(manager, step, state, config=config)
+    manager.wait_until_finished()
+    manager.close()
+    convert_main(["--to", "meta", "--src", str(root / "run"), "--out", str(root / "run_meta")])
+    convert_main(["--from", "meta", "--src", str(root / "run_meta"), "--out", str(root / "run_back"), *IMAGE_ARGS])
+    _, back = load_converted(str(root / "run_back"))
+    flat = dict(jax.tree_util.tree_leaves_with_path(params))
+    for path, x in jax.tree_util.tree_leaves_with_path(back):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]) * 2.0, err_msg=str(path))
+
+    from chameleon_jax.convert.export import load_source
+
+    source = load_source(str(root / "run"))
+    assert source.path.endswith("/2") and source.tokenizer and source.vqgan
