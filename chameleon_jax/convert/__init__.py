@@ -69,20 +69,31 @@ def convert(source: str, src: str, out_dir: str, param_dtype: str = "float32", i
     """Imports `src` (layout `source`: 'hf' or 'meta') and writes it to out_dir; returns the config.
 
     `image_ids` ([start, stop) of the image-code ids) overrides what the source says (HF: its
-    vocabulary_map) and the Chameleon default (4, 8196).
+    vocabulary_map) and the Chameleon default (4, 8196). For 'meta', `src` is the release (holding 7b/ or
+    30b/ and tokenizer/) or a model folder: the VQ-GAN and the text tokenizer found beside it go into the
+    same export (`chameleon_jax.convert.release`), so train, eval, pretokenize and generate need only OUT.
     """
     dtype = jax.numpy.dtype(param_dtype)
+    tokenizer_dir = None
     if source == "hf":
         from chameleon_jax.convert.hf import load_hf
 
         fields, params, found_ids = load_hf(src, dtype)
     elif source == "meta":
+        from chameleon_jax.convert import release
         from chameleon_jax.convert.meta import load_meta
 
-        fields, params, found_ids = load_meta(src, dtype)
+        model_dir, tokenizer_dir = release.locate(src)
+        fields, params, found_ids = load_meta(model_dir, dtype)
     else:
         raise ValueError(f"--from {source!r}: choose 'hf' (save_pretrained directory) or 'meta' "
                          f"(consolidated*.pth + params.json).")
     config = experiment_config(fields, image_ids or found_ids, param_dtype)
+    if tokenizer_dir is not None:  # checked before the long transformer write
+        parts = release.convert_tokenizers(tokenizer_dir, out_dir)
+        if config.loss.image_ids[1] - config.loss.image_ids[0] != parts["codes"]:
+            raise ValueError(f"loss.image_ids={tuple(config.loss.image_ids)} spans "
+                             f"{config.loss.image_ids[1] - config.loss.image_ids[0]} ids but the VQ-GAN has "
+                             f"{parts['codes']} codes; fix --image_ids")
     save_converted(out_dir, config, params)
     return config

@@ -49,9 +49,47 @@ def _to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def _release_pages(t) -> None:
+    """Drops the resident pages of a tensor that `torch.load(mmap=True)` mapped from its file.
+
+    Touched pages of a file mapping stay in this process's resident set until the mapping goes away,
+    so without this a 7B import's RSS would climb to the whole 14 GB consolidated.pth. The mapping is
+    private and only ever read, so the kernel re-reads a dropped page from the file if it is needed
+    again (pages shared with a neighbouring tensor included).
+    """
+    import ctypes
+
+    storage = t.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    start -= start % _PAGE
+    end += -end % _PAGE
+    if end > start:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                                  _MADV_DONTNEED)
+
+
+def _layer_keys(i: int) -> list[str]:
+    p = f"layers.{i}."
+    return [p + f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")] + [
+        p + f"attention.{n}.{part}" for n in ("q_normalization", "k_normalization") for part in ("weight", "bias")
+    ] + [p + f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3")] + [
+        p + "attention_norm.weight", p + "ffn_norm.weight"]
+
+
 def load_meta(src: str, dtype=np.float32) -> tuple[dict, dict, None]:
-    """(config.model fields, params, None) from an official model folder (e.g. data/models/7b)."""
+    """(config.model fields, params, None) from an official model folder (e.g. data/models/7b).
+
+    The params are `streaming.LazyTensor`s: each layer of each leaf is read from the memory-mapped
+    shards, converted and written when the export is saved, then its pages are dropped, so peak host
+    memory is about the largest single tensor (docs/convert.md), not the model.
+    """
     import torch
+
+    from chameleon_jax.convert.streaming import LazyTensor
 
     files = sorted(glob.glob(os.path.join(src, "consolidated*.pth")))
     if not files:
@@ -59,17 +97,9 @@ def load_meta(src: str, dtype=np.float32) -> tuple[dict, dict, None]:
     args = _read_args(src)
     if args.get("qk_normalization") is False:
         raise ValueError("params.json has qk_normalization=false; our model always applies QK-norm.")
+    # mmap: tensors are views of the files, paged in when a layer is converted (weights_only: no code runs).
     shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
     n_shards = len(shards)
-    used: set[str] = set()
-
-    def cat(key: str, axis: int) -> np.ndarray:
-        used.add(key)
-        return np.concatenate([_to_numpy(s[key]) for s in shards], axis=axis).astype(dtype)
-
-    def mean(key: str) -> np.ndarray:
-        used.add(key)
-        return np.mean([_to_numpy(s[key]).astype(np.float32) for s in shards], axis=0).astype(dtype)
 
     d, n = args["dim"], args["n_heads"]
     k = args.get("n_kv_heads") or n
@@ -84,44 +114,69 @@ def load_meta(src: str, dtype=np.float32) -> tuple[dict, dict, None]:
     ModelConfig(**fields)  # fails early on inconsistent fields
     if n % n_shards or k % n_shards:
         raise ValueError(f"{n_shards} shards do not split n_heads={n} / n_kv_heads={k} evenly.")
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    expected.update(key for i in range(n_layers) for key in _layer_keys(i))
+    for f, shard in zip(files, shards):
+        missing = expected - set(shard)
+        unused = set(shard) - expected - {"rope.freqs"}  # rope.freqs is a buffer (spec §9.1)
+        if missing:
+            raise ValueError(f"{f} lacks {sorted(missing)[:8]}; params.json says n_layers={n_layers}.")
+        if unused:
+            raise ValueError(f"Unexpected keys in {f}: {sorted(unused)[:8]}; is this a Chameleon checkpoint?")
     order = _half_split_order(h)
 
-    def layers(fn) -> np.ndarray:
-        return np.stack([fn(f"layers.{i}.") for i in range(n_layers)])
+    def pieces(key: str) -> list[np.ndarray]:
+        return [_to_numpy(s[key]) for s in shards]
 
-    def attn_in(prefix, name, heads):  # (heads·H, D) torch (out, in) -> [D, heads, H], half-split rows
-        return cat(prefix + f"attention.{name}.weight", 0).T.reshape(d, heads, h)[..., order]
+    def done(key: str) -> None:
+        for s in shards:
+            _release_pages(s[key])
+
+    def cat(key: str, axis: int) -> np.ndarray:
+        out = np.concatenate(pieces(key), axis=axis).astype(dtype)
+        done(key)
+        return out
+
+    def mean(key: str) -> np.ndarray:
+        out = np.mean([p.astype(np.float32) for p in pieces(key)], axis=0).astype(dtype)
+        done(key)
+        return out
+
+    def stacked(fn, shape):
+        return LazyTensor.layers(n_layers, lambda i: fn(f"layers.{i}."), shape, dtype)
+
+    def attn_in(name, heads):  # (heads·H, D) torch (out, in) -> [D, heads, H], half-split rows
+        return stacked(lambda p: cat(p + f"attention.{name}.weight", 0).T.reshape(d, heads, h)[..., order],
+                       (d, heads, h))
 
     def qk_norm(name):  # one vector per shard -> [L, groups, H], half-split order
         def groups(key):
-            used.add(key)
-            return np.stack([_to_numpy(s[key]) for s in shards])[:, order].astype(dtype)
-        return {"scale": layers(lambda p: groups(p + f"attention.{name}.weight")),
-                "bias": layers(lambda p: groups(p + f"attention.{name}.bias"))}
+            out = np.stack(pieces(key))[:, order].astype(dtype)
+            done(key)
+            return out
+        return {"scale": stacked(lambda p: groups(p + f"attention.{name}.weight"), (n_shards, h)),
+                "bias": stacked(lambda p: groups(p + f"attention.{name}.bias"), (n_shards, h))}
 
     params = {
-        "embedding": cat("tok_embeddings.weight", 1),
+        "embedding": LazyTensor.whole(lambda: cat("tok_embeddings.weight", 1), (vocab, d), dtype),
         "blocks": {
             "attention": {
-                "wq": layers(lambda p: attn_in(p, "wq", n)),
-                "wk": layers(lambda p: attn_in(p, "wk", k)),
-                "wv": layers(lambda p: cat(p + "attention.wv.weight", 0).T.reshape(d, k, h)),
-                "wo": layers(lambda p: cat(p + "attention.wo.weight", 1).T.reshape(n, h, d)),
+                "wq": attn_in("wq", n),
+                "wk": attn_in("wk", k),
+                "wv": stacked(lambda p: cat(p + "attention.wv.weight", 0).T.reshape(d, k, h), (d, k, h)),
+                "wo": stacked(lambda p: cat(p + "attention.wo.weight", 1).T.reshape(n, h, d), (n, h, d)),
                 "q_norm": qk_norm("q_normalization"),
                 "k_norm": qk_norm("k_normalization"),
             },
             "mlp": {
-                "w1": layers(lambda p: cat(p + "feed_forward.w1.weight", 0).T),
-                "w3": layers(lambda p: cat(p + "feed_forward.w3.weight", 0).T),
-                "w2": layers(lambda p: cat(p + "feed_forward.w2.weight", 1).T),
+                "w1": stacked(lambda p: cat(p + "feed_forward.w1.weight", 0).T, (d, ffn)),
+                "w3": stacked(lambda p: cat(p + "feed_forward.w3.weight", 0).T, (d, ffn)),
+                "w2": stacked(lambda p: cat(p + "feed_forward.w2.weight", 1).T, (ffn, d)),
             },
-            "attention_norm": {"scale": layers(lambda p: mean(p + "attention_norm.weight"))},
-            "ffn_norm": {"scale": layers(lambda p: mean(p + "ffn_norm.weight"))},
+            "attention_norm": {"scale": stacked(lambda p: mean(p + "attention_norm.weight"), (d,))},
+            "ffn_norm": {"scale": stacked(lambda p: mean(p + "ffn_norm.weight"), (d,))},
         },
-        "final_norm": {"scale": mean("norm.weight")},
-        "output": np.ascontiguousarray(cat("output.weight", 0).T),
+        "final_norm": {"scale": LazyTensor.whole(lambda: mean("norm.weight"), (d,), dtype)},
+        "output": LazyTensor.whole(lambda: cat("output.weight", 0).T, (d, vocab), dtype),
     }
-    unused = set(shards[0]) - used - {"rope.freqs"}  # rope.freqs is a buffer (spec §9.1)
-    if unused:
-        raise ValueError(f"Unexpected keys in {files[0]}: {sorted(unused)[:8]}; is this a Chameleon checkpoint?")
     return fields, params, None

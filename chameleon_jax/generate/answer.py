@@ -69,11 +69,15 @@ def answer(path: str, prompt: str, out: str, *, images: Sequence[str] = (), mode
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
     config = ckpt.read_config(path)
     recorded = dict(config.get("generate", {}) or {})
-    tok_path = tokenizer or recorded.get("tokenizer")
+    # A converted release (`python -m chameleon_jax.convert --from meta`) carries both inside the export.
+    bundled = epath.Path(path)
+    tok_path = tokenizer or recorded.get("tokenizer") or (
+        str(path) if (bundled / text_lib.BUNDLED).is_file() else None)
     if not tok_path:
         raise ValueError("no tokenizer: pass --tokenizer (the run's config has no generate.tokenizer)")
     # "vqgan_workdir": the key smoke runs recorded before `generate.vqgan`.
-    vq_path = vqgan or recorded.get("vqgan") or recorded.get("vqgan_workdir")
+    vq_path = vqgan or recorded.get("vqgan") or recorded.get("vqgan_workdir") or (
+        str(path) if (bundled / vq_checkpoint.BUNDLED / "state").is_dir() else None)
     if not vq_path:
         raise ValueError("no VQ-GAN: pass --vqgan RUN (a finished `python -m chameleon_jax.vqgan.train` run or "
                          "its export); the run's config has no generate.vqgan")

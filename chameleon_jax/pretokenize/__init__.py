@@ -256,11 +256,12 @@ def vqgan_tools(vqgan: str | None, encode_batch: int, *, config=None, seed: int 
             functools.partial(vq_images.load_image, size=cfg.resolution), cfg.n_embed)
 
 
-def pretokenize_corpus(inputs: list[str], out_dir: str, *, tokenizer: str, vqgan: str | None = None,
+def pretokenize_corpus(inputs: list[str], out_dir: str, *, tokenizer: str | None = None, vqgan: str | None = None,
                        vqgan_config=None, encode_batch: int = 16, seed: int = 0, max_image_pixels: int = -1,
                        process_index: int | None = None, process_count: int | None = None, **options) -> dict:
     """`run` with the tokenizer file and the VQ-GAN at `vqgan` (or random weights of `vqgan_config`).
 
+    `tokenizer` None: the one inside `vqgan` when that is a converted release (`text.load` of the export).
     `max_image_pixels` -1 = `vqgan.images`' limit for the VQ-GAN's resolution; process index/count default
     to JAX's. `options` go to `run` (docs_per_shard, seq_len, pair_loss, ...). Returns the manifest.
     """
@@ -273,7 +274,9 @@ def pretokenize_corpus(inputs: list[str], out_dir: str, *, tokenizer: str, vqgan
     encode, load, codes = vqgan_tools(vqgan, encode_batch, config=vqgan_config, seed=seed)
     if max_image_pixels >= 0:
         load = functools.partial(load, max_pixels=max_image_pixels)
-    return run(inputs, out_dir, tokenizer=text.load(tokenizer, image_codes=codes), encode_images=encode,
+    if tokenizer is None and vqgan is None:
+        raise ValueError("no tokenizer: pass --tokenizer, or --vqgan a converted release that holds one")
+    return run(inputs, out_dir, tokenizer=text.load(tokenizer or vqgan, image_codes=codes), encode_images=encode,
                load_image=load, seed=seed, encode_batch=encode_batch,
                process_index=jax.process_index() if process_index is None else process_index,
                process_count=jax.process_count() if process_count is None else process_count, **options)

@@ -9,9 +9,10 @@ flags.DEFINE_list("input", None, "JSONL files, image folders (IMG + IMG.txt), .t
                   required=True)
 flags.DEFINE_string("out", None, "Output directory for shards and manifest.json.", required=True)
 flags.DEFINE_string("tokenizer", None, "sentencepiece .model (from `python -m chameleon_jax.text train`) or the "
-                    "official text_tokenizer.json.", required=True)
+                    "official text_tokenizer.json (default: the one in --vqgan, when that is a converted release).")
 flags.DEFINE_string("vqgan", None, "A finished VQ-GAN run (`python -m chameleon_jax.vqgan.train --workdir`), its "
-                    "export, or the export's state/ folder.")
+                    "export, the export's state/ folder, or a converted Chameleon release (`python -m "
+                    "chameleon_jax.convert --from meta`; its tokenizer is used too).")
 flags.DEFINE_alias("vqgan_checkpoint", "vqgan")
 config_flags.DEFINE_config_file("vqgan_config", None, "VQ-GAN experiment config: sizes random weights "
                                 "(--vqgan_random_init), or an export without config.json.")
@@ -40,6 +41,8 @@ def main(argv):
     if bool(F.vqgan) == bool(F.vqgan_random_init):
         raise app.UsageError("pass --vqgan RUN (a trained VQ-GAN run or its export), or --vqgan_random_init "
                              "with --vqgan_config FILE for a smoke run")
+    if F.tokenizer is None and not F.vqgan:
+        raise app.UsageError("pass --tokenizer FILE (or --vqgan a converted release, which holds its tokenizer)")
     if F.vqgan_random_init and F.vqgan_config is None:
         raise app.UsageError("--vqgan_random_init needs --vqgan_config (e.g. experiments/vqgan_smoke.py): it "
                              "sizes the images and the image-code block")

@@ -146,8 +146,19 @@ class OfficialText:
         return self._tok.decode(ids, skip_special_tokens=False)
 
 
+BUNDLED = "tokenizer/text_tokenizer.json"  # inside a converted Chameleon release (chameleon_jax.convert.release)
+
+
 def load(path: str, image_codes: int | None = None) -> TextTokenizer:
-    """A `.model` sentencepiece file (needs image_codes, the VQ codebook size) or the official `.json`."""
+    """A `.model` sentencepiece file (needs image_codes, the VQ codebook size), the official `.json`, or a
+    converted release's export folder (its tokenizer/text_tokenizer.json)."""
+    path = str(path)
+    if os.path.isdir(path):
+        bundled = os.path.join(path, BUNDLED)
+        if not os.path.isfile(bundled):
+            raise FileNotFoundError(f"{path} is a folder without {BUNDLED}; pass the tokenizer file itself "
+                                    "(a sentencepiece .model or text_tokenizer.json)")
+        path = bundled
     if path.endswith(".json"):
         return OfficialText(path)
     if image_codes is None:

@@ -8,7 +8,8 @@ A finished VQ-GAN run writes a params-only export (`chameleon_jax.checkpoint.exp
     RUN/export/state         Orbax PyTree {"params": ...}
     RUN/export/config.json   the run's experiment config; its `model` block is the VQGANConfig
 
-`load` accepts RUN, RUN/export or RUN/export/state, and restores the params into the shapes that the
+`load` accepts RUN, RUN/export or RUN/export/state, and the export of a converted Chameleon release
+(OUT, holding OUT/vqgan; chameleon_jax.convert.release), and restores the params into the shapes that the
 config's architecture has, so a checkpoint of another architecture fails with a shape error rather
 than loading half a model.
 """
@@ -27,6 +28,7 @@ from chameleon_jax.vqgan import model
 log = logging.getLogger(__name__)
 
 EXPORT = "export"  # RUN/export: written when a VQ-GAN run finishes
+BUNDLED = "vqgan"  # OUT/vqgan: the VQ-GAN inside a converted release (`python -m chameleon_jax.convert`)
 
 
 def model_config(config) -> model.VQGANConfig:
@@ -40,12 +42,15 @@ def model_config(config) -> model.VQGANConfig:
 def export_dir(path) -> epath.Path:
     """RUN, RUN/export or RUN/export/state -> the export folder (holding state/ and config.json)."""
     path = epath.Path(path)
-    for candidate in (path / EXPORT, path, path.parent if path.name == "state" else None):
+    # RUN/export, a converted Chameleon release's OUT/vqgan (before OUT itself, whose state/ is the
+    # transformer), the export itself, or its state/ folder.
+    for candidate in (path / EXPORT, path / BUNDLED, path, path.parent if path.name == "state" else None):
         if candidate is not None and (candidate / "state").is_dir():
             return candidate
     raise FileNotFoundError(
         f"{path} holds no finished VQ-GAN: expected RUN/{EXPORT}/state (written when "
-        "`python -m chameleon_jax.vqgan.train --workdir RUN` finishes), an export folder or its state/ folder")
+        "`python -m chameleon_jax.vqgan.train --workdir RUN` finishes), an export folder or its state/ folder, "
+        f"or a converted release (OUT/{BUNDLED}/state, from `python -m chameleon_jax.convert --from meta`)")
 
 
 def is_finished(run_dir) -> bool:
