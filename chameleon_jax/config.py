@@ -9,6 +9,7 @@ import re
 
 import ml_collections
 
+from chameleon_jax.model import trainable
 from chameleon_jax.model.config import ATTENTION_KERNELS, REMAT_POLICIES, ModelConfig
 from chameleon_jax.model.sharding import MESH_AXES, mesh_shape, slice_layout
 
@@ -52,6 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict(dict(steps=""))
     # Initialise params (only) from another run's checkpoint when the workdir has none (e.g. SFT).
     c.init = ml_collections.ConfigDict(dict(checkpoint=""))
+    # What trains (model/trainable.py; defaults: everything). trainable: comma list of param path
+    # patterns ("output", "blocks/attention", "" = none); rows: PATTERN=START:STOP or PATTERN=image, a
+    # vocabulary range of a selected tensor; lora: adapters on the projections (model/lora.py), rank 0 = off.
+    # Frozen params have no optimizer state and keep their bits.
+    c.finetune = ml_collections.ConfigDict(dict(
+        trainable="*", rows="",
+        lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="wq,wk,wv,wo,w1,w3,w2"))))
     return c
 
 
@@ -122,6 +130,8 @@ def validate(config, num_devices: int | None = None) -> ModelConfig:
                 errors.append(f"train.batch_size={config.train.batch_size} is not divisible by "
                               f"microbatches×data×fsdp={micro}×{data}×{fsdp}; use a multiple of "
                               f"{micro * data * fsdp} or change train.microbatches.")
+    if config.get("finetune") is not None:
+        errors += trainable.resolve(config.finetune, m, tuple(config.loss.image_ids))[1]
     try:
         parse_profile_steps(config.get("profile", {}).get("steps", ""))
     except ValueError as e:

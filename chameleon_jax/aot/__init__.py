@@ -42,6 +42,7 @@ import numpy as np
 from chameleon_jax import model as model_lib
 from chameleon_jax.config import validate
 from chameleon_jax.model import sharding as shd
+from chameleon_jax.model import trainable
 from chameleon_jax.train import optimizer as opt_lib
 from chameleon_jax.train import step as step_lib
 
@@ -91,11 +92,12 @@ def abstract_train_inputs(config, mesh):
     tx = opt_lib.make_optimizer(config.optimizer, int(config.train.steps))
     schedule = opt_lib.learning_rate_schedule(config.optimizer, int(config.train.steps))
     graphdef, _ = model_lib.abstract(model_cfg)
+    plan = trainable.plan_from_config(config, model_cfg)  # what trains: the optimizer state's shape
     step_fn = step_lib.make_train_step(graphdef, model_cfg, tx,
                                        step_lib.LossConfig.from_config(config.loss), schedule,
-                                       microbatches=int(config.train.get("microbatches", 1)))
-    shardings = shd.named(mesh, step_lib.state_specs(model_cfg, tx, rules))
-    shapes = step_lib.abstract_state(model_cfg, tx)
+                                       microbatches=int(config.train.get("microbatches", 1)), plan=plan)
+    shardings = shd.named(mesh, step_lib.state_specs(model_cfg, tx, rules, plan))
+    shapes = step_lib.abstract_state(model_cfg, tx, plan)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          shapes, shardings)
     batch_shape = (int(config.train.batch_size), int(config.train.seq_len))

@@ -16,11 +16,13 @@ import math
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import PartitionSpec as P
 
 from chameleon_jax.config import validate
 from chameleon_jax.model import flops
 from chameleon_jax.model import sharding as shd
+from chameleon_jax.model import trainable
 from chameleon_jax.model.config import ModelConfig
 from chameleon_jax.train import optimizer as opt_lib
 from chameleon_jax.train import step as step_lib
@@ -49,7 +51,7 @@ def _per_device_bytes(shapes, specs, axis_sizes: dict) -> int:
     return total
 
 
-def activation_bytes(m: ModelConfig, rows: int, seq_len: int, tensor: int) -> int:
+def activation_bytes(m: ModelConfig, rows: int, seq_len: int, tensor: int, backward_through_blocks: bool = True) -> int:
     """Rough peak activation bytes on one device for `rows` sequences of `seq_len` tokens.
 
     Three terms, all per device (heads, kv heads, mlp and vocab split over the tensor axis):
@@ -60,7 +62,8 @@ def activation_bytes(m: ModelConfig, rows: int, seq_len: int, tensor: int) -> in
         materialised attention scores and probabilities (f32, [heads, T, T] per row);
       - the f32 logits and their gradient.
     Elementwise temporaries, fusion buffers and collectives' scratch are not counted; use
-    `--topology` for the compiler's exact figure.
+    `--topology` for the compiler's exact figure. `backward_through_blocks=False` (only the head or
+    the final norm trains) drops the stash: the blocks then run forward only.
     """
     act = np.dtype(m.dtype).itemsize
     d, hd = m.d_model, m.head_dim
@@ -71,7 +74,7 @@ def activation_bytes(m: ModelConfig, rows: int, seq_len: int, tensor: int) -> in
     kept = {"full": d, "save_block_outputs": d, "dots_no_batch": d + projections,
             "dots": d + projections + heads * seq_len + heads * hd,
             "none": d + projections + 2 * heads * seq_len + heads * hd + 2 * d + f}[m.remat]
-    stash = m.n_layers * tokens * kept * act
+    stash = m.n_layers * tokens * kept * act if backward_through_blocks else 0
     layer = tokens * (2 * heads * seq_len * 4 + (projections + f + 4 * d) * act)
     logits = 2 * tokens * v * 4
     return stash + layer + logits
@@ -80,23 +83,47 @@ def activation_bytes(m: ModelConfig, rows: int, seq_len: int, tensor: int) -> in
 def estimate_memory(config, m: ModelConfig, num_devices: int) -> dict:
     """Per-device bytes for the config's mesh: params, AdamW moments, gradients, activations.
 
-    Params and optimizer state are exact shard sizes from the sharding rules; gradients are one more
-    copy of the params' shard; activations are `activation_bytes` (rough).
+    Params (with any LoRA adapters) and optimizer state are exact shard sizes from the sharding rules;
+    gradients are one copy of what trains (config.finetune: all params by default); activations are
+    `activation_bytes` (rough).
     """
     data, fsdp, tensor = shd.mesh_shape(config.mesh, num_devices)
     axis_sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     tx = opt_lib.make_optimizer(config.optimizer, int(config.train.steps))
     rules = shd.rules_from_config(config.get("sharding_rules"))
-    shapes = step_lib.abstract_state(m, tx)
-    specs = step_lib.state_specs(m, tx, rules)
+    plan = trainable.plan_from_config(config, m)
+    shapes = step_lib.abstract_state(m, tx, plan)
+    specs = step_lib.state_specs(m, tx, rules, plan)
     params = _per_device_bytes(shapes["params"], specs["params"], axis_sizes)
+    if "lora" in shapes:
+        params += _per_device_bytes(shapes["lora"], specs["lora"], axis_sizes)
     optimizer = _per_device_bytes(shapes["opt_state"], specs["opt_state"], axis_sizes)
+    trained = trainable.trained_tree(plan, shapes["params"], shapes.get("lora"), cut=_cut_shape)
+    gradients = _per_device_bytes(trained, trainable.trained_tree(
+        plan, specs["params"], specs.get("lora"), cut=trainable.slice_spec), axis_sizes)
     rows = -(-int(config.train.batch_size) // (data * fsdp))
-    acts = activation_bytes(m, rows, int(config.train.seq_len), tensor)
-    out = {"params_bytes": params, "optimizer_bytes": optimizer, "gradients_bytes": params,
+    through = plan.trained is None or plan.lora.enabled or any(
+        p == "embedding" or p.startswith("blocks/") for p, _ in plan.trained)
+    acts = activation_bytes(m, rows, int(config.train.seq_len), tensor, backward_through_blocks=through)
+    out = {"params_bytes": params, "optimizer_bytes": optimizer, "gradients_bytes": gradients,
            "activations_bytes": acts}
     out["total_bytes"] = sum(out.values())
     return {"mesh": axis_sizes, "rows_per_device": rows, **out}
+
+
+def _cut_shape(leaf, rows):
+    """The shape of a row range's slice (trainable.trained_tree over ShapeDtypeStructs)."""
+    shape = list(leaf.shape)
+    shape[rows.axis] = rows.stop - rows.start
+    return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype)
+
+
+def trainable_params(config, m: ModelConfig) -> int:
+    """Parameters the optimizer updates (config.finetune): all of them, a selection, or the adapters."""
+    plan = trainable.plan_from_config(config, m)
+    shapes = jax.eval_shape(lambda: step_lib.init_state(m, optax.identity(), jax.random.PRNGKey(0), plan))
+    trained = trainable.trained_tree(plan, shapes["params"], shapes.get("lora"), cut=_cut_shape)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(trained))
 
 
 def model_info(config, num_devices: int) -> dict:
@@ -108,6 +135,7 @@ def model_info(config, num_devices: int) -> dict:
     return {
         "params": flops.param_count(m),
         "params_breakdown": flops.param_breakdown(m),
+        "trainable_params": trainable_params(config, m),
         "flops_per_token": per_token,
         "flops_breakdown": flops.flops_breakdown(m, seq_len),
         "seq_len": seq_len,
@@ -126,6 +154,7 @@ def format_report(info: dict) -> str:
     lines = [
         f"parameters        {info['params']:,}  (matmul {pb['matmul']:,}, embedding {pb['embedding']:,}, "
         f"norms {pb['norm']:,})",
+        f"trainable         {info['trainable_params']:,}  (config.finetune)",
         f"FLOPs per token   {info['flops_per_token']:.4g}  (6·N_matmul {fb['matmul']:.4g} + causal attention "
         f"{fb['attention']:.4g}) at seq_len {info['seq_len']}",
         f"FLOPs per step    {info['flops_per_step']:.4g}  ({info['tokens_per_step']:,} tokens)",

@@ -24,6 +24,7 @@ from chameleon_jax.evals import perplexity
 from chameleon_jax.model import flops
 from chameleon_jax.model import loss as loss_lib
 from chameleon_jax.model import sharding as shd
+from chameleon_jax.model import trainable
 from chameleon_jax.train import optimizer as optimizer_lib
 from chameleon_jax.train import step as step_lib
 from chameleon_jax.train import throughput
@@ -84,8 +85,9 @@ class Window(trainer.Window):
 # The LM task: mesh -> data -> abstract state & shardings -> init -> jitted step -> evaluator.
 # ------------------------------------------------------------------------------------------------
 # A workdir resumes only a state of the same shapes: these config keys must match the checkpoint's,
-# except the ones under them that only choose how the step computes.
-RESUME_GUARD = ("model.", "loss.image_ids")
+# except the ones under them that only choose how the step computes. `finetune.` shapes the optimizer
+# state (what trains) and, through lora.alpha, the model the adapters define.
+RESUME_GUARD = ("model.", "loss.image_ids", "finetune.")
 RESUME_FREE = ("model.attention", "model.remat", "model.dtype", "model.dropout")
 
 
@@ -96,6 +98,9 @@ def make_task(config: ml_collections.ConfigDict) -> trainer.Task:
     model_cfg = config_lib.validate(config, num_devices=jax.device_count())
     mesh = shd.make_mesh(config.mesh)
     rules = shd.rules_from_config(config.sharding_rules)
+    plan = trainable.plan_from_config(config, model_cfg)
+    if not plan.full:
+        log.info("training %s; the rest is frozen", plan.describe())
 
     # ---- Input pipeline (host-local batches; every process feeds its slice) --------------------
     train_iter = sources.make_data_iterator(config)
@@ -104,12 +109,13 @@ def make_task(config: ml_collections.ConfigDict) -> trainer.Task:
     tx = optimizer_lib.make_optimizer(config.optimizer, total_steps)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, total_steps)
     graphdef, _ = model_lib.abstract(model_cfg)
-    shardings = shd.named(mesh, step_lib.state_specs(model_cfg, tx, rules))
+    shardings = shd.named(mesh, step_lib.state_specs(model_cfg, tx, rules, plan))
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  step_lib.abstract_state(model_cfg, tx), shardings)
+                                  step_lib.abstract_state(model_cfg, tx, plan), shardings)
 
     def init_state():
-        state, _ = step_lib.init_sharded_state(model_cfg, tx, mesh, jax.random.PRNGKey(config.train.seed), rules)
+        state, _ = step_lib.init_sharded_state(model_cfg, tx, mesh, jax.random.PRNGKey(config.train.seed), rules,
+                                               plan)
         if config.init.checkpoint:
             # Fine-tuning: parameters (only) from another run; fresh optimizer, step 0, same rng.
             state["params"] = ckpt.restore_params(config.init.checkpoint, abstract_state["params"])
@@ -120,12 +126,15 @@ def make_task(config: ml_collections.ConfigDict) -> trainer.Task:
     loss_cfg = step_lib.LossConfig.from_config(config.loss)
     jitted_step = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, model_cfg, tx, loss_cfg, schedule,
-                                 microbatches=int(config.train.get("microbatches", 1))),
+                                 microbatches=int(config.train.get("microbatches", 1)), plan=plan),
         mesh, shardings)
     eval_step = perplexity.make_eval_step(graphdef, loss_cfg, mesh, shardings["params"])
+    # Evaluation sees the model as trained: adapters merged (a no-op without LoRA).
+    merged = jax.jit(functools.partial(trainable.model_params, plan), out_shardings=shardings["params"])
 
     def evaluate(state) -> trainer.EvalResult:
-        results = perplexity.evaluate(eval_step, state["params"], sources.eval_batches(config), mesh)
+        results = perplexity.evaluate(eval_step, merged(state["params"], state.get("lora")),
+                                      sources.eval_batches(config), mesh)
         return trainer.EvalResult(results, console="  ".join(
             f"{k}={v:.4g}" for k, v in results.items() if k.endswith("perplexity")))
 

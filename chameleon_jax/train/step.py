@@ -1,7 +1,12 @@
 """Train state, its shardings, sharded initialisation, and the jitted train step.
 
-The state is a plain dict pytree {params, opt_state, step, rng, bad_steps} so that Orbax saves it as
-is and any mesh can restore it from abstract targets.
+The state is a plain dict pytree {params, opt_state, step, rng, bad_steps} (plus `lora`, the adapters,
+when the run trains LoRA) so that Orbax saves it as is and any mesh can restore it from abstract targets.
+
+Partial fine-tuning (model/trainable.py): `plan` says what trains. The optimizer's state and update
+cover only `trainable.trained_tree` (the selected tensors, a row range cut to its slice, the adapters);
+the gradient is taken with respect to that tree alone, so the backward pass skips what nothing
+trained needs, and frozen params pass through the step untouched.
 """
 
 from __future__ import annotations
@@ -16,44 +21,57 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from chameleon_jax import model as model_lib
 from chameleon_jax.model import sharding as shd
 from chameleon_jax.model import loss as loss_lib
+from chameleon_jax.model import trainable
 from chameleon_jax.model.loss import LossConfig  # noqa: F401  (the step's loss settings; step_lib.LossConfig)
 from chameleon_jax.train.optimizer import global_norm
 
 TrainState = dict
 
 
-def abstract_state(model_cfg, tx: optax.GradientTransformation):
+def abstract_state(model_cfg, tx: optax.GradientTransformation, plan: trainable.Plan = trainable.FULL):
     """Shapes of the whole train state, without allocating."""
-    return jax.eval_shape(lambda: init_state(model_cfg, tx, jax.random.PRNGKey(0)))
+    return jax.eval_shape(lambda: init_state(model_cfg, tx, jax.random.PRNGKey(0), plan))
 
 
-def state_specs(model_cfg, tx, rules=shd.DEFAULT_RULES) -> TrainState:
-    """PartitionSpecs for the train state: optimizer moments follow their parameters."""
+def state_specs(model_cfg, tx, rules=shd.DEFAULT_RULES, plan: trainable.Plan = trainable.FULL) -> TrainState:
+    """PartitionSpecs for the train state: optimizer moments follow what they train (a row slice
+    like its tensor except along the rows; an adapter like its kernel's axes)."""
     pspecs = model_lib.param_specs(model_cfg, rules)
-    abstract = abstract_state(model_cfg, tx)
+    lspecs = trainable.adapter_specs(plan, pspecs)
+    abstract = abstract_state(model_cfg, tx, plan)
     ospecs = optax.tree_map_params(
-        tx, lambda _, spec: spec, abstract["opt_state"], pspecs,
+        tx, lambda _, spec: spec, abstract["opt_state"],
+        trainable.trained_tree(plan, pspecs, lspecs, cut=trainable.slice_spec),
         transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
-    return {"params": pspecs, "opt_state": ospecs, "step": P(), "rng": P(), "bad_steps": P()}
+    specs = {"params": pspecs, "opt_state": ospecs, "step": P(), "rng": P(), "bad_steps": P()}
+    if lspecs is not None:
+        specs["lora"] = lspecs
+    return specs
 
 
-def init_state(model_cfg, tx, key) -> TrainState:
+def init_state(model_cfg, tx, key, plan: trainable.Plan = trainable.FULL) -> TrainState:
     init_key, rng = jax.random.split(key)
     params = model_lib.init_params(model_cfg, init_key)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}
+    # The adapters' key is derived, so the base params are the same with and without LoRA.
+    lora = trainable.init_adapters(plan, params, jax.random.fold_in(init_key, 0x10A))
+    state = {"params": params, "opt_state": tx.init(trainable.trained_tree(plan, params, lora)),
+             "step": jnp.zeros((), jnp.int32), "rng": rng, "bad_steps": jnp.zeros((), jnp.int32)}
+    if lora is not None:
+        state["lora"] = lora
+    return state
 
 
-def init_sharded_state(model_cfg, tx, mesh, key, rules=shd.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+def init_sharded_state(model_cfg, tx, mesh, key, rules=shd.DEFAULT_RULES,
+                       plan: trainable.Plan = trainable.FULL) -> tuple[TrainState, TrainState]:
     """Parameters born sharded: jit the init with out_shardings derived from the logical names."""
-    shardings = shd.named(mesh, state_specs(model_cfg, tx, rules))
+    shardings = shd.named(mesh, state_specs(model_cfg, tx, rules, plan))
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda k: init_state(model_cfg, tx, k), out_shardings=shardings)(key)
+        state = jax.jit(lambda k: init_state(model_cfg, tx, k, plan), out_shardings=shardings)(key)
     return state, shardings
 
 
 def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None,
-                    microbatches: int = 1) -> Callable:
+                    microbatches: int = 1, plan: trainable.Plan = trainable.FULL) -> Callable:
     """(state, batch) -> (state, metrics). Pure; jit it with `jit_train_step`.
 
     `microbatches` > 1 accumulates gradients over that many slices of the batch (a `lax.scan`), so
@@ -68,8 +86,10 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
     """
     dropout = model_cfg.dropout > 0
 
-    def loss_fn(params, batch, key):
-        model = model_lib.bind(graphdef, params)
+    def loss_fn(trained, base, batch, key):
+        # `trained` is the optimizer's tree; `base` = (params, lora) of the state, the frozen rest.
+        params, lora = trainable.write_back(plan, *base, trained)
+        model = model_lib.bind(graphdef, trainable.model_params(plan, params, lora))
         x, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"],
                      dropout_key=key if dropout else None)
         # Same as loss_and_metrics(model.head(x), ...) without materialising the [B, T, V] logits.
@@ -84,7 +104,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulated_grads(params, batch, key):
+    def accumulated_grads(params, base, batch, key):
         """Token-weighted sum of per-microbatch gradients = gradient of the whole-batch mean loss."""
         def split(x):
             # Microbatch m takes rows m, M+m, 2M+m, ...: each stays spread over every batch shard.
@@ -93,7 +113,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
         def body(carry, mb):
             index, micro = mb
-            (loss, sums), grads = grad_fn(params, micro, jax.random.fold_in(key, index))
+            (loss, sums), grads = grad_fn(params, base, micro, jax.random.fold_in(key, index))
             n = sums["tokens"]
             acc_grads, acc_loss, acc_sums = carry
             acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * n, acc_grads, grads)
@@ -104,7 +124,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
         # lose the low bits of every term. The optimizer takes float32 gradients anyway.
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-            lambda: grad_fn(params, jax.tree.map(lambda x: x[: x.shape[0] // microbatches], batch), key)[0][1]))
+            lambda: grad_fn(params, base, jax.tree.map(lambda x: x[: x.shape[0] // microbatches], batch), key)[0][1]))
         micro = jax.tree.map(split, batch)
         (grads, loss, sums), _ = jax.lax.scan(
             body, (zeros, jnp.zeros((), jnp.float32), zero_sums), (jnp.arange(microbatches), micro))
@@ -114,10 +134,12 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state["rng"], state["step"])
+        base = (state["params"], state.get("lora"))
+        trained = trainable.trained_tree(plan, *base)
         if microbatches > 1:
-            (loss, sums), grads = accumulated_grads(state["params"], batch, key)
+            (loss, sums), grads = accumulated_grads(trained, base, batch, key)
         else:
-            (loss, sums), grads = grad_fn(state["params"], batch, key)
+            (loss, sums), grads = grad_fn(trained, base, batch, key)
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -127,8 +149,8 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
         # A branch, not a select: a select over every parameter and moment reads old and new state
         # once more per step (~85 ms of a 5 s CPU step, measured); the skip branch is the rare one.
-        new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o),
-                                           state["params"], state["opt_state"])
+        new_trained, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), trained, state["opt_state"])
+        new_params, new_lora = trainable.write_back(plan, *base, new_trained)
         new_state = {
             "params": new_params,
             "opt_state": new_opt,
@@ -136,6 +158,8 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
             "rng": state["rng"],
             "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
         }
+        if new_lora is not None:
+            new_state["lora"] = new_lora
         metrics = dict(sums, loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32),
                        param_norm=global_norm(new_state["params"]))
         if schedule is not None:
