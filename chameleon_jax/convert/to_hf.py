@@ -202,7 +202,7 @@ def write_tokenizer(tokenizer_json: str, out_dir: str, bos="<s>", eos="</s>", pa
 
 
 def write_hf(config, params: dict, out_dir: str, *, tokenizer: str | None = None, vqgan=None,
-             dtype=None, max_shard_bytes: int = 2 << 30) -> ExportedHF:
+             dtype=None, max_shard_bytes: int = 1 << 30) -> ExportedHF:
     """Writes (experiment config, params) as a HF Chameleon folder; see the module docstring.
 
     `tokenizer`: the official text_tokenizer.json, if the model has one (a sentencepiece .model maps ids
