@@ -277,3 +277,30 @@ def test_export_from_a_training_workdir(bundled):
 
     source = load_source(str(root / "run"))
     assert source.path.endswith("/2") and source.tokenizer and source.vqgan
+
+
+def test_a_lora_run_exports_its_merged_weights(bundled):
+    """A LoRA run's checkpoint holds frozen params + adapters; the export writes W + (alpha/rank)·A·B."""
+    from chameleon_jax import checkpoint as ckpt
+    from chameleon_jax.model.lora import LoraConfig, init_lora, merge_lora
+
+    root, config, cfg, params, *_ = bundled
+    config = config.copy_and_resolve_references()
+    config.finetune.trainable = ""  # the adapters only
+    config.finetune.lora.update(rank=2, alpha=4.0, targets="wq,w2")
+    lora_cfg = LoraConfig.from_config(config.finetune.lora)
+    rng = np.random.default_rng(7)
+    lora = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1,  # B != 0: trained
+                        init_lora(params, lora_cfg, jax.random.key(0)))
+    manager = ckpt.make_manager(root / "lora_run" / "checkpoints", async_save=False)
+    ckpt.save(manager, 1, {"params": params, "lora": lora, "step": np.int32(1)}, config=config)
+    manager.wait_until_finished()
+    manager.close()
+    convert_main(["--to", "meta", "--src", str(root / "lora_run"), "--out", str(root / "lora_meta")])
+    convert_main(["--from", "meta", "--src", str(root / "lora_meta"), "--out", str(root / "lora_back"), *IMAGE_ARGS])
+    _, back = load_converted(str(root / "lora_back"))
+    merged = merge_lora(params, lora, lora_cfg)
+    assert not np.array_equal(merged["blocks"]["mlp"]["w2"], params["blocks"]["mlp"]["w2"])
+    flat = dict(jax.tree_util.tree_leaves_with_path(merged))
+    for path, x in jax.tree_util.tree_leaves_with_path(back):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]), err_msg=str(path))
