@@ -7,8 +7,6 @@ independent HF->Meta writer (test_convert_hf's), which pins the adjacent-pair Ro
 q/k-norm vectors that a self-consistent but wrong export/import pair would both get wrong.
 """
 
-import json
-
 import numpy as np
 import pytest
 
@@ -50,6 +48,13 @@ def _random_params(cfg: M.ModelConfig, seed: int) -> dict:
         return (rng.standard_normal(s.shape) * fan_in[path[-1].key] ** -0.5).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _assert_same_leaves(got: dict, want: dict, what: str) -> None:
+    """Every leaf of `got` equals `want`'s at the same path, bit for bit."""
+    flat = dict(jax.tree_util.tree_leaves_with_path(want))
+    for path, x in jax.tree_util.tree_leaves_with_path(got):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]), err_msg=f"{what} {path}")
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -129,9 +134,7 @@ def test_hf_round_trip_is_bit_identical(exported, hf_folder):
     convert_main(["--from", "hf", "--src", str(root / "hf"), "--out", str(root / "hf_back")])
     config, back = load_converted(str(root / "hf_back"))
     assert M.ModelConfig.from_config(config.model) == cfg and tuple(config.loss.image_ids) == IMAGE_IDS
-    flat = dict(jax.tree_util.tree_leaves_with_path(params))
-    for path, x in jax.tree_util.tree_leaves_with_path(back):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]), err_msg=f"{name} {path}")
+    _assert_same_leaves(back, params, name)
 
 
 def test_meta_round_trip_is_bit_identical(exported, hf_folder):
@@ -143,9 +146,7 @@ def test_meta_round_trip_is_bit_identical(exported, hf_folder):
     convert_main(["--from", "meta", "--src", str(root / "meta"), "--out", str(root / "back"), *IMAGE_ARGS])
     config, back = load_converted(str(root / "back"))
     assert M.ModelConfig.from_config(config.model) == cfg
-    flat = dict(jax.tree_util.tree_leaves_with_path(params))
-    for path, x in jax.tree_util.tree_leaves_with_path(back):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]), err_msg=f"{name} {path}")
+    _assert_same_leaves(back, params, name)
 
     # Against an independent writer of Meta's layout (HF's tensors -> adjacent-pair rows and per-shard
     # norms with torch ops): every tensor of every rank equal. Leaving Wq in our half-split order would
@@ -173,12 +174,9 @@ def test_meta_export_to_more_ranks_than_groups(exported):
                   *IMAGE_ARGS])
     config, back = load_converted(str(root / f"back{ranks}"))
     assert config.model.qk_norm_groups == ranks
-    flat = dict(jax.tree_util.tree_leaves_with_path(params))
-    for path, x in jax.tree_util.tree_leaves_with_path(back):
-        want = np.asarray(flat[path])
-        if "_norm" in jax.tree_util.keystr(path) and want.ndim == 3:
-            want = np.repeat(want, 2, axis=1)
-        np.testing.assert_array_equal(np.asarray(x), want, err_msg=f"{name} {path}")
+    qk_groups_twice = jax.tree_util.tree_map_with_path(  # [L, G, H] q/k-norm leaves -> [L, 2G, H]
+        lambda p, x: np.repeat(x, 2, axis=1) if "_norm" in jax.tree_util.keystr(p) and x.ndim == 3 else x, params)
+    _assert_same_leaves(back, qk_groups_twice, name)
 
 
 def test_meta_refuses_fewer_ranks_than_qk_groups(tmp_path):
@@ -280,9 +278,7 @@ def test_export_from_a_training_workdir(bundled):
     convert_main(["--to", "meta", "--src", str(root / "run"), "--out", str(root / "run_meta")])
     convert_main(["--from", "meta", "--src", str(root / "run_meta"), "--out", str(root / "run_back"), *IMAGE_ARGS])
     _, back = load_converted(str(root / "run_back"))
-    flat = dict(jax.tree_util.tree_leaves_with_path(params))
-    for path, x in jax.tree_util.tree_leaves_with_path(back):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]) * 2.0, err_msg=str(path))
+    _assert_same_leaves(back, jax.tree.map(lambda x: np.asarray(x) * 2.0, params), "latest step")
 
     from chameleon_jax.convert.export import load_source
 
@@ -312,9 +308,7 @@ def test_a_lora_run_exports_its_merged_weights(bundled):
     _, back = load_converted(str(root / "lora_back"))
     merged = merge_lora(params, lora, lora_cfg)
     assert not np.array_equal(merged["blocks"]["mlp"]["w2"], params["blocks"]["mlp"]["w2"])
-    flat = dict(jax.tree_util.tree_leaves_with_path(merged))
-    for path, x in jax.tree_util.tree_leaves_with_path(back):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[path]), err_msg=str(path))
+    _assert_same_leaves(back, merged, "merged")
 
 
 def test_hf_export_in_shards_loads_the_same_weights(bundled):
