@@ -30,10 +30,16 @@ def init_distributed() -> None:
     """Joins the multi-process job, before any other JAX call (as every entry point must)."""
     import jax
 
+    from chameleon_jax.train import compile_cache
+
     F = flags.FLAGS
     if F.coordinator_address:
         jax.distributed.initialize(F.coordinator_address, F.num_processes, F.process_id,
                                    heartbeat_timeout_seconds=F.heartbeat_timeout_s)
+        if compile_cache.on_this_machine(F.coordinator_address):
+            # Else XLA:CPU's per-process topology gives process 1 other cache keys than process 0, and it
+            # recompiles every program on every launch (launch/local.py jobs, the multi-process tests).
+            compile_cache.share_cpu_entries_between_local_processes()
     elif F.distributed:
         jax.distributed.initialize(heartbeat_timeout_seconds=F.heartbeat_timeout_s)
 
