@@ -252,3 +252,27 @@ ENTRY %main (x: bf16[64,16,1], w: bf16[64,4,8], s: bf16[8,16,64], u: bf16[16,64]
     slot = 16 * 64 * 2
     convolution = (64 * 16 + 64 * 4 * 8 + 16 * 4 * 8) * 2
     assert cost.hbm_bytes == convolution + slot + slot + 4   # the update and the s32 index read, the slot written
+
+
+def test_when_no_batch_fits_the_search_splits_the_heads_over_more_chips(tmp_path):
+    """A probe log where one sequence fits at no remat with fsdp=4 tensor=1, but does at fsdp=2 tensor=2:
+    the case's plan is the second split (the v6e 7B case: a mesh the config names is not the one that fits)."""
+    config = sweep.load_config("experiments/tiny.py")
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    case = sweep.Case("tiny", "experiments/tiny.py", "v5e:2x2")
+    base = sweep.config_plan(config, 4, "xla", exact=False)
+    assert sweep.mesh_splits(base.mesh, kv_heads=4) == [(1, 4, 1), (1, 2, 2), (1, 1, 4)]
+    assert sweep.mesh_splits((1, 64, 4), kv_heads=8) == [(1, 64, 4), (1, 32, 8)]  # 34B: 8 kv heads
+    limit = 16 * aot.GiB
+    cache = sweep.ProbeCache(str(tmp_path / "probes.jsonl"))
+    put = lambda plan, fits: cache.put(sweep.Probe(case.key, case.topology, dataclasses.asdict(plan), fits, limit,
+                                                   (limit // 2) if fits else 0, 0 if fits else 2 * limit))
+    for remat in (base.remat, "full"):
+        put(dataclasses.replace(base, remat=remat, batch_per_shard=1, microbatches=1), False)
+    split = dataclasses.replace(base, mesh=(1, 2, 2), batch_per_shard=1, microbatches=1)
+    put(split, True)
+    put(dataclasses.replace(split, batch_per_shard=2), False)
+    result = sweep.sweep_case(case, attention="xla", remats=["full"], cache=sweep.ProbeCache(cache.path),
+                              compile=False, config=config, log=lambda s: None)
+    assert result.best.plan_obj == split
+    assert result.remat_tried == [base.remat, "full", "tensor=2:", base.remat]

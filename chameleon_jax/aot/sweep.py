@@ -350,6 +350,33 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
             result.at_config = measured(config_plan(config, chips, attention))
         except NotCompiled:
             pass
+    for split in mesh_splits(base.mesh, int(config.model.n_kv_heads)):
+        plan0 = dataclasses.replace(base, mesh=split)
+        if split != base.mesh:
+            log(f"  nothing fits at tensor={split[2] // 2}; splitting the heads further: "
+                f"data={split[0]} fsdp={split[1]} tensor={split[2]}")
+            result.remat_tried.append(f"tensor={split[2]}:")
+        if _search_remats(case, plan0, order, result, measured, slopes, limit, max_probes, attention, config):
+            break
+    if not compile and not result.probes and result.at_config is None:
+        raise NotCompiled(f"{case.key}: no probe in the log")
+    return result
+
+
+def mesh_splits(mesh: tuple[int, int, int], kv_heads: int) -> list[tuple[int, int, int]]:
+    """The config's split, then tensor doubled (fsdp halved) while it still divides the kv heads: when
+    no batch fits at any remat, fewer fsdp shards of more head-split weights may."""
+    data, fsdp, tensor = mesh
+    splits = [mesh]
+    while fsdp % 2 == 0 and kv_heads % (tensor * 2) == 0 and fsdp > 1:
+        fsdp, tensor = fsdp // 2, tensor * 2
+        splits.append((data, fsdp, tensor))
+    return splits
+
+
+def _search_remats(case, base: Plan, order, result, measured, slopes, limit, max_probes, attention, config) -> bool:
+    """The largest fitting batch at `base`'s mesh for each remat in `order` in turn, until one fits.
+    True when the search is over: one fitted, or the probe log ended (no conclusion to draw)."""
     for remat in order:
         family = (case.model, base.mesh[2], remat, attention)
         start, probes_left = 1, max_probes
@@ -377,12 +404,10 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
         if best is not None:
             result.best = best
             result.global_plan = global_batch_plan(best.plan_obj, int(config.train.batch_size))
-            break
+            return True
         if not probes:  # not compiled (a probe log that ends here): no conclusion about this remat
-            break
-    if not compile and not result.probes and result.at_config is None:
-        raise NotCompiled(f"{case.key}: no probe in the log")
-    return result
+            return True
+    return False
 
 
 # In the order the sweep runs them: the issue's two 7B targets first, then v5p by size, then v5e / v6e.

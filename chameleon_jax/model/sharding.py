@@ -123,7 +123,13 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.shar
             found = len({d.slice_index for d in devices})
             raise ValueError(f"the devices span {found} TPU slices; set --config.mesh.slices={found} "
                              f"(and mesh.data to a multiple of it).")
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        except NotImplementedError:
+            # A logical axis that is no product of whole torus axes (tensor=4 on a 16x16 v6e) needs a
+            # physical ring split into neighbouring groups; jax.make_mesh allows that for v5e only.
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+            return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     by_process = _granules(devices, slices)
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
