@@ -89,7 +89,7 @@ def rank_state(cfg: ModelConfig, params: dict, rank: int, ranks: int, dtype) -> 
         "tok_embeddings.weight": t(np.asarray(params["embedding"])[:, part(d)]),
         "norm.weight": t(params["final_norm"]["scale"]),
         "output.weight": t(np.asarray(params["output"])[:, part(v)].T),
-        # A buffer in Meta's model (ignored on load, spec §9.1); written for completeness.
+        # A buffer, not a parameter, but Meta's loader asserts that it is the one unexpected key (spec §9.1).
         "rope.freqs": t(1.0 / cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h)),
     }
     for i in range(cfg.n_layers):
