@@ -276,3 +276,15 @@ def test_when_no_batch_fits_the_search_splits_the_heads_over_more_chips(tmp_path
                               compile=False, config=config, log=lambda s: None)
     assert result.best.plan_obj == split
     assert result.remat_tried == [base.remat, "full", "tensor=2:", base.remat]
+
+
+def test_a_mesh_axis_that_splits_a_torus_ring_is_built_on_v6e():
+    """tensor=8 on a 4x4 v6e is no product of whole torus axes (4, 4): the mesh takes neighbouring
+    groups of one ring instead of failing (jax.make_mesh splits rings on v5e only)."""
+    from chameleon_jax.model import sharding as shd
+    import ml_collections
+    devices = aot.topology_devices("v6e:4x4")
+    mesh = shd.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=2, tensor=8, slices=1, dcn_axis="data")),
+                         devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 8}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
