@@ -194,6 +194,8 @@ def test_cli_needs_exactly_one_direction(tmp_path):
     for args in (["--src", "x", "--out", "y"], ["--from", "hf", "--to", "meta", "--src", "x", "--out", "y"]):
         with pytest.raises(app.UsageError, match="exactly one of --from"):
             convert_main(args)
+    with pytest.raises(app.UsageError, match="--ranks applies to --to meta"):
+        convert_main(["--to", "hf", "--ranks", "2", "--src", "x", "--out", "y"])
 
 
 # --- What travels with the model: text tokenizer, VQ-GAN; a training workdir as the source ---------------
