@@ -121,6 +121,12 @@ def test_model_info_optimizer_bytes_drop_to_the_trainable_count():
         m, opt_lib.make_optimizer(anole.optimizer, 10), jax.random.PRNGKey(0), plan))
     held = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"]))
     assert a["optimizer_bytes"] == held
+    # MFU counts the work done: the blocks run forward only (2 FLOPs a matmul weight, a third of the causal
+    # attention), and the backward forms the weight gradient of the trained slice alone.
+    n_matmul, attention = 172_032, 6 * m.n_layers * 64 * m.n_heads * m.head_dim  # flops.py: causal, T = 64
+    assert trainable.train_flops_per_token(plan, m, 64) == (
+        2 * n_matmul + attention // 3 + 2 * m.d_model * (stop + 1 - start))
+    assert trainable.train_flops_per_token(trainable.FULL, m, 64) == 6 * n_matmul + attention == 1_081_344
 
 
 def test_lora_with_zero_b_is_the_base_model_and_merges_to_the_trained_model():
@@ -185,7 +191,8 @@ def test_runner_resumes_the_partial_optimizer_state(tmp_path):
     overrides = {"train.log_every": 2, "checkpoint.every": 2, "train.eval_every": 0,
                  "finetune.lora.rank": 2, "finetune.lora.targets": "wv"}
     first = runner.train(experiment("anole_7b", "tiny", **overrides, **{"train.steps": 2}), tmp_path)
-    config = experiment("anole_7b", "tiny", **overrides, **{"train.steps": 3})
+    # The resumed run also evaluates at its last step, on the params with the adapters merged.
+    config = experiment("anole_7b", "tiny", **{**overrides, "train.steps": 3, "train.eval_every": 3, "eval.steps": 1})
     task = runner.make_task(config)
     manager = ckpt.make_manager(tmp_path / "checkpoints", read_only=True)
     restored = ckpt.restore(manager, 2, task.abstract_state)
@@ -200,6 +207,8 @@ def test_runner_resumes_the_partial_optimizer_state(tmp_path):
     counts = {int(x) for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(resumed.state["opt_state"]))
               if "count" in jax.tree_util.keystr(p)}
     assert counts == {3}
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    assert '"eval/perplexity"' in logged
 
     # Another selection is another optimizer state: the workdir refuses it and names the fix.
     with pytest.raises(ValueError, match="finetune.trainable.*new --workdir"):

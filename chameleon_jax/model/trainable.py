@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import re
 
 import jax
@@ -33,8 +34,9 @@ from flax import nnx
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from chameleon_jax.model import flops
 from chameleon_jax.model.config import ModelConfig
-from chameleon_jax.model.lora import LoraConfig, init_lora, lora_specs, merge_lora
+from chameleon_jax.model.lora import TARGETS, LoraConfig, init_lora, lora_specs, merge_lora
 from chameleon_jax.model.transformer import Transformer
 
 EVERYTHING = "*"
@@ -62,6 +64,12 @@ class Plan:
     def full(self) -> bool:
         """Full training without adapters: the optimizer tree is the params tree itself."""
         return self.trained is None and not self.lora.enabled
+
+    @property
+    def backward_through_blocks(self) -> bool:
+        """Whether the gradient has to flow back through the blocks (anything below the final norm trains)."""
+        return self.trained is None or self.lora.enabled or any(
+            p == "embedding" or p.startswith("blocks/") for p, _ in self.trained)
 
     def describe(self) -> str:
         parts = ["every param"] if self.trained is None else [
@@ -163,6 +171,38 @@ def _cut(x, rows: Rows):
     return jax.lax.slice_in_dim(x, rows.start, rows.stop, axis=rows.axis)
 
 
+def train_flops_per_token(plan: Plan, cfg: ModelConfig, seq_len: int) -> int:
+    """Model FLOPs per token of a step that trains `plan` (flops.py's convention, for MFU).
+
+    Full training: 6·N_matmul + causal attention (flops.train_flops_per_token). Otherwise, forward
+    (2·N_matmul and a third of the attention) plus what the backward does: the input gradients through
+    every matmul and attention (2·N_matmul and two thirds) when the gradient flows through the blocks,
+    and the weight gradients (2 FLOPs a parameter) of the trained matmul weights only; a LoRA target
+    counts its whole kernel, whose gradient the merged forward forms. With only the head trained the
+    blocks run forward only.
+    """
+    parts = flops.flops_breakdown(cfg, seq_len)
+    if plan.trained is None:
+        return sum(parts.values())
+    n_matmul, attention_forward = parts["matmul"] // 6, parts["attention"] // 3
+    shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.eval_shape(
+        lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))), sep="/")
+
+    def is_matmul(path):  # flops.param_breakdown's matmul weights
+        return "norm" not in path and path != "embedding"
+
+    trained = sum(math.prod(shapes[p].shape) if r is None else math.prod(shapes[p].shape) // shapes[p].shape[r.axis]
+                  * (r.stop - r.start) for p, r in plan.trained if is_matmul(p))
+    if plan.lora.enabled:
+        trained += sum(math.prod(shapes["/".join(TARGETS[t][0])].shape) for t in plan.lora.targets)
+    total = 2 * n_matmul + attention_forward + 2 * trained
+    if plan.backward_through_blocks:
+        total += 2 * n_matmul + 2 * attention_forward
+    elif any(p.startswith("final_norm") for p, _ in plan.trained):
+        total += 2 * cfg.d_model * cfg.vocab_size  # the head's input gradient, to reach the final norm
+    return total
+
+
 def slice_spec(spec, rows: Rows):
     """The PartitionSpec of a row slice: its tensor's, with the row axis whole. A range such as the
     8,193 image rows divides by no mesh axis, and the slice is small next to its tensor."""
@@ -224,4 +264,4 @@ def adapter_specs(plan: Plan, param_specs: dict) -> dict | None:
 
 
 __all__ = ["Plan", "Rows", "FULL", "resolve", "plan_from_config", "trained_tree", "write_back",
-           "model_params", "init_adapters", "adapter_specs", "slice_spec"]
+           "model_params", "init_adapters", "adapter_specs", "slice_spec", "train_flops_per_token"]

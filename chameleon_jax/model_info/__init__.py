@@ -102,9 +102,8 @@ def estimate_memory(config, m: ModelConfig, num_devices: int) -> dict:
     gradients = _per_device_bytes(trained, trainable.trained_tree(
         plan, specs["params"], specs.get("lora"), cut=trainable.slice_spec), axis_sizes)
     rows = -(-int(config.train.batch_size) // (data * fsdp))
-    through = plan.trained is None or plan.lora.enabled or any(
-        p == "embedding" or p.startswith("blocks/") for p, _ in plan.trained)
-    acts = activation_bytes(m, rows, int(config.train.seq_len), tensor, backward_through_blocks=through)
+    acts = activation_bytes(m, rows, int(config.train.seq_len), tensor,
+                            backward_through_blocks=plan.backward_through_blocks)
     out = {"params_bytes": params, "optimizer_bytes": optimizer, "gradients_bytes": gradients,
            "activations_bytes": acts}
     out["total_bytes"] = sum(out.values())
@@ -130,7 +129,7 @@ def model_info(config, num_devices: int) -> dict:
     """The whole report as a JSON-ready dict (validates the config for `num_devices` first)."""
     m = validate(config, num_devices=num_devices)
     seq_len = int(config.train.seq_len)
-    per_token = flops.train_flops_per_token(m, seq_len)
+    per_token = trainable.train_flops_per_token(trainable.plan_from_config(config, m), m, seq_len)
     tokens = int(config.train.batch_size) * seq_len
     return {
         "params": flops.param_count(m),
@@ -156,7 +155,9 @@ def format_report(info: dict) -> str:
         f"norms {pb['norm']:,})",
         f"trainable         {info['trainable_params']:,}  (config.finetune)",
         f"FLOPs per token   {info['flops_per_token']:.4g}  (6·N_matmul {fb['matmul']:.4g} + causal attention "
-        f"{fb['attention']:.4g}) at seq_len {info['seq_len']}",
+        f"{fb['attention']:.4g}) at seq_len {info['seq_len']}" if info["flops_per_token"] == sum(fb.values()) else
+        f"FLOPs per token   {info['flops_per_token']:.4g}  (forward, and the backward of what config.finetune "
+        f"trains; full training {sum(fb.values()):.4g}) at seq_len {info['seq_len']}",
         f"FLOPs per step    {info['flops_per_step']:.4g}  ({info['tokens_per_step']:,} tokens)",
         f"memory per device on {info['num_devices']} devices, mesh {mesh}, "
         f"{mem['rows_per_device']} sequences per device (estimate):",

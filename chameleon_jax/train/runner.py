@@ -129,17 +129,17 @@ def make_task(config: ml_collections.ConfigDict) -> trainer.Task:
                                  microbatches=int(config.train.get("microbatches", 1)), plan=plan),
         mesh, shardings)
     eval_step = perplexity.make_eval_step(graphdef, loss_cfg, mesh, shardings["params"])
-    # Evaluation sees the model as trained: adapters merged (a no-op without LoRA).
+    # Evaluation sees the model as trained: the adapters merged into their kernels.
     merged = jax.jit(functools.partial(trainable.model_params, plan), out_shardings=shardings["params"])
 
     def evaluate(state) -> trainer.EvalResult:
-        results = perplexity.evaluate(eval_step, merged(state["params"], state.get("lora")),
-                                      sources.eval_batches(config), mesh)
+        params = merged(state["params"], state["lora"]) if "lora" in state else state["params"]
+        results = perplexity.evaluate(eval_step, params, sources.eval_batches(config), mesh)
         return trainer.EvalResult(results, console="  ".join(
             f"{k}={v:.4g}" for k, v in results.items() if k.endswith("perplexity")))
 
     # ---- Throughput accounting -----------------------------------------------------------------
-    flops_per_token = flops.train_flops_per_token(model_cfg, config.train.seq_len)
+    flops_per_token = trainable.train_flops_per_token(plan, model_cfg, config.train.seq_len)
     peak, peak_source = throughput.peak_flops(override=config.train.peak_flops)
     log.info("MFU denominator: %.3g FLOP/s, %s; model: %.3g FLOPs/token", peak, peak_source,
              flops_per_token)
