@@ -10,8 +10,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-from taming.modules.diffusionmodules.model import Decoder, Encoder
-from taming.modules.vqvae.quantize import VectorQuantizer2
+try:  # not in the peers extra (its dependencies break transformers there): docs/vqgan.md
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    from taming.modules.vqvae.quantize import VectorQuantizer2
+except ImportError as e:
+    raise ImportError(f"{e}: the taming peer is missing; install it with "
+                      "`.venv/bin/pip install --no-deps taming-transformers-rom1504` (docs/vqgan.md)") from e
 
 from chameleon_jax.vqgan import convert, model as M
 from numerics import ELEMENTWISE, chain_tol

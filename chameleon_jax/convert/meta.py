@@ -133,7 +133,7 @@ def load_meta(src: str, dtype=np.float32) -> tuple[dict, dict, None]:
             _release_pages(s[key])
 
     def cat(key: str, axis: int) -> np.ndarray:
-        out = np.concatenate(pieces(key), axis=axis).astype(dtype)
+        out = np.concatenate(pieces(key), axis=axis).astype(dtype, copy=False)  # no copy when already dtype
         done(key)
         return out
 

@@ -102,7 +102,9 @@ class _LazyTensorHandler(ocp.type_handlers.NumpyHandler):
                 continue
             store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
             for index, block in value.blocks():
-                await store[index].write(block)
+                # The block is neither changed nor freed before the write completes: let tensorstore encode
+                # from it instead of taking its own copy.
+                await store[index].write(block, can_reference_source_data_indefinitely=True)
                 del block  # the next block is made only after this one is written and dropped
 
 
