@@ -1,14 +1,15 @@
 """Converts a HF transformers or Meta Chameleon checkpoint into our params + config, and back.
 
   python -m chameleon_jax.convert --from hf --src HF_DIR --out OUT_DIR
-  python -m chameleon_jax.convert --from meta --src META_MODEL_DIR --out OUT_DIR [--param_dtype bfloat16]
+  python -m chameleon_jax.convert --from meta --src RELEASE_DIR --out OUT_DIR [--param_dtype bfloat16]
   python -m chameleon_jax.convert --to hf --src EXPORT_OR_WORKDIR --out HF_DIR
   python -m chameleon_jax.convert --to meta --src EXPORT_OR_WORKDIR --out META_DIR [--ranks 4]
 """
 from absl import app, flags
 
 flags.DEFINE_enum("from", None, ["hf", "meta"], "Import. hf: a save_pretrained directory of "
-                  "ChameleonForConditionalGeneration (safetensors); meta: the official release folder "
+                  "ChameleonForConditionalGeneration (safetensors); meta: Meta's release (7b/ or 30b/ beside "
+                  "tokenizer/: the transformer, VQ-GAN and text tokenizer into one export) or one model folder "
                   "(params.json, consolidated*.pth).")
 flags.DEFINE_enum("to", None, ["hf", "meta"], "Export (--src: a params export or a training workdir). hf: a "
                   "folder for ChameleonForConditionalGeneration.from_pretrained; meta: consolidated*.pth + "
