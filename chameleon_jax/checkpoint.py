@@ -261,20 +261,27 @@ def resolve_step_dir(path) -> epath.Path:
                             f"a checkpoints folder, a step folder or a params export")
 
 
-def restore_params(path, abstract_params) -> Any:
+def restore_params(path, abstract_params, item: str = "params") -> Any:
     """Params only (no optimizer state), restored onto the shardings of `abstract_params`.
 
     `abstract_params` holds `jax.ShapeDtypeStruct(..., sharding=...)` leaves for the current mesh, so
-    a checkpoint written on 8 devices as (2,2,2) restores onto 1 device, and vice versa.
+    a checkpoint written on 8 devices as (2,2,2) restores onto 1 device, and vice versa. `item` names
+    another part of the state to read the same way (e.g. "lora", a LoRA run's adapters).
     """
     step_dir = resolve_step_dir(path)
-    target = {"params": abstract_params}
+    target = {item: abstract_params}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(_orbax_dir(step_dir / "state"), args=args)
-    log.info("restored params from %s", step_dir)
-    return restored["params"]
+    log.info("restored %s from %s", item, step_dir)
+    return restored[item]
+
+
+def state_items(path) -> set[str]:
+    """The top-level names in a checkpoint's state ({"params", "opt_state", "step", ...}), from its metadata."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return set(checkpointer.metadata(_orbax_dir(resolve_step_dir(path) / "state")).item_metadata.tree)
 
 
 def export_params(params, out_dir, config=None) -> epath.Path:

@@ -38,30 +38,6 @@ def _recorded(path: str | None, roots) -> str | None:
     return next((str(p) for p in [epath.Path(path)] + [r / path for r in roots] if p.exists()), None)
 
 
-def _merge_adapters(config, model_cfg, params: dict, step_dir) -> dict:
-    """A LoRA run's params with its adapters (state["lora"] of the step) merged into their kernels; other
-    params unchanged (a params export holds no adapters: merging happened before it was written)."""
-    from chameleon_jax.model import trainable
-
-    plan = trainable.plan_from_config(config, model_cfg)
-    if not plan.lora.enabled:
-        return params
-    import jax
-    import orbax.checkpoint as ocp
-
-    state = epath.Path(step_dir) / "state"
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        if "lora" not in checkpointer.metadata(state).item_metadata.tree:
-            return params  # e.g. a params export written from the merged weights of a LoRA run
-        shapes = jax.eval_shape(lambda p: trainable.init_adapters(plan, p, jax.random.key(0)), params)
-        device = next(iter(jax.tree.leaves(params))).sharding
-        target = {"lora": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)}
-        args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                      restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-        lora = checkpointer.restore(state, args=args)["lora"]
-    return trainable.model_params(plan, params, lora)
-
-
 def load_source(src) -> Source:
     """(config, params, tokenizer, VQ-GAN) of a params export, a training workdir or a step folder."""
     import jax
@@ -74,8 +50,7 @@ def load_source(src) -> Source:
     config = ckpt.read_config(src)
     config.mesh.update(data=1, fsdp=1, tensor=1, slices=1)
     mesh = shd.make_mesh(config.mesh, jax.local_devices()[:1])
-    params, model_cfg, step_dir = restore_for_eval(src, config, mesh)
-    params = _merge_adapters(config, model_cfg, params, step_dir)
+    params, _, step_dir = restore_for_eval(src, config, mesh)  # a LoRA run's adapters merged
     recorded = dict(config.get("generate", {}) or {})
     roots = [epath.Path(src), epath.Path(step_dir)]
     if config.get("init", {}).get("checkpoint"):

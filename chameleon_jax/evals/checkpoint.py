@@ -11,22 +11,35 @@ from __future__ import annotations
 
 
 def restore_for_eval(path, config, mesh):
-    """(params on `mesh`, ModelConfig, step folder) from a workdir, step folder or export."""
+    """(params on `mesh`, ModelConfig, step folder) from a workdir, step folder or export.
+
+    The params are the ones the model runs on: a LoRA run's adapters (state["lora"]) are merged into
+    their kernels. A params export holds no adapters (it was written from merged weights)."""
     import jax
 
     from chameleon_jax import checkpoint as ckpt
     from chameleon_jax import config as config_lib
     from chameleon_jax import model as model_lib
     from chameleon_jax.model import sharding as shd
+    from chameleon_jax.model import trainable
 
     model_cfg = config_lib.validate(config)
     step_dir = ckpt.resolve_step_dir(path)
     rules = shd.rules_from_config(config.get("sharding_rules"))
-    shardings = shd.named(mesh, model_lib.param_specs(model_cfg, rules))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.PRNGKey(0))),
-                            shardings)
-    return ckpt.restore_params(str(step_dir), abstract), model_cfg, step_dir
+    specs = model_lib.param_specs(model_cfg, rules)
+
+    def on_mesh(shapes, specs):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                            shd.named(mesh, specs))
+
+    abstract = on_mesh(jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.PRNGKey(0))), specs)
+    params = ckpt.restore_params(str(step_dir), abstract)
+    plan = trainable.plan_from_config(config, model_cfg)
+    if plan.lora.enabled and "lora" in ckpt.state_items(step_dir):
+        shapes = jax.eval_shape(lambda p: trainable.init_adapters(plan, p, jax.random.PRNGKey(0)), abstract)
+        lora = ckpt.restore_params(str(step_dir), on_mesh(shapes, trainable.adapter_specs(plan, specs)), item="lora")
+        params = trainable.model_params(plan, params, lora)
+    return params, model_cfg, step_dir
 
 
 def evaluate_checkpoint(path, config=None, mesh_sizes=(-1, 1, 1), split="eval") -> tuple[dict, object]:
