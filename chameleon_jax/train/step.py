@@ -104,7 +104,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulated_grads(params, base, batch, key):
+    def accumulated_grads(trained, base, batch, key):
         """Token-weighted sum of per-microbatch gradients = gradient of the whole-batch mean loss."""
         def split(x):
             # Microbatch m takes rows m, M+m, 2M+m, ...: each stays spread over every batch shard.
@@ -113,7 +113,7 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
         def body(carry, mb):
             index, micro = mb
-            (loss, sums), grads = grad_fn(params, base, micro, jax.random.fold_in(key, index))
+            (loss, sums), grads = grad_fn(trained, base, micro, jax.random.fold_in(key, index))
             n = sums["tokens"]
             acc_grads, acc_loss, acc_sums = carry
             acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) * n, acc_grads, grads)
@@ -122,9 +122,9 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
 
         # The sum runs in float32 even for bf16 params: 32 microbatches of bf16 partial sums would
         # lose the low bits of every term. The optimizer takes float32 gradients anyway.
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-            lambda: grad_fn(params, base, jax.tree.map(lambda x: x[: x.shape[0] // microbatches], batch), key)[0][1]))
+            lambda: grad_fn(trained, base, jax.tree.map(lambda x: x[: x.shape[0] // microbatches], batch), key)[0][1]))
         micro = jax.tree.map(split, batch)
         (grads, loss, sums), _ = jax.lax.scan(
             body, (zeros, jnp.zeros((), jnp.float32), zero_sums), (jnp.arange(microbatches), micro))
@@ -143,9 +143,9 @@ def make_train_step(graphdef, model_cfg, tx, loss_cfg: LossConfig, schedule=None
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def update(params, opt_state):
-            updates, new_opt = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt
+        def update(trained, opt_state):
+            updates, new_opt = tx.update(grads, opt_state, trained)
+            return optax.apply_updates(trained, updates), new_opt
 
         # A branch, not a select: a select over every parameter and moment reads old and new state
         # once more per step (~85 ms of a 5 s CPU step, measured); the skip branch is the rare one.
