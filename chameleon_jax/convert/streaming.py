@@ -23,6 +23,7 @@ import tensorstore as ts
 # Private Orbax helpers: the write spec that NumpyHandler builds (orbax-checkpoint is pinned <0.13).
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 Block = tuple[int | tuple[()], np.ndarray]  # (index along the leading axis, or () for the whole leaf; data)
 
@@ -108,4 +109,6 @@ class _LazyTensorHandler(ocp.type_handlers.NumpyHandler):
                 del block  # the next block is made only after this one is written and dropped
 
 
-ocp.type_handlers.register_type_handler(LazyTensor, _LazyTensorHandler(), override=True)
+# Shares NumpyHandler's type string on purpose (the files are a numpy leaf's): no collision warning.
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(LazyTensor, _LazyTensorHandler(), override=True,
+                                                       ignore_warnings=True)
