@@ -78,6 +78,12 @@ def flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
 
 
+def at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def test_frozen_params_and_rows_keep_their_bits_and_have_no_optimizer_state():
     # Trains wq whole and the image rows of the output head; everything else is frozen.
     config = experiment("tiny", **{"finetune.trainable": "output,blocks/attention/wq",
@@ -162,10 +168,10 @@ def test_merged_kernel_equals_the_unmerged_adapter(name):
     lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=(name,))
     lora = lora_lib.init_lora(params, lcfg, jax.random.PRNGKey(1))
     path, n_in = lora_lib.TARGETS[name]
-    adapter = lora_lib._get(lora, path)
+    adapter = at(lora, path)
     adapter["b"] = jax.random.normal(jax.random.PRNGKey(2), adapter["b"].shape) * 0.05  # a trained B
     merged = lora_lib.merge_lora(params, lora, lcfg)
-    w, w_merged = lora_lib._get(params, path)[0], lora_lib._get(merged, path)[0]  # layer 0
+    w, w_merged = at(params, path)[0], at(merged, path)[0]  # layer 0
     a, b, s = adapter["a"][0], adapter["b"][0], lcfg.alpha / lcfg.rank
     einsum = {"wq": "BTD,DNH->BTNH", "wk": "BTD,DKH->BTKH", "wv": "BTD,DKH->BTKH", "wo": "BTNH,NHD->BTD",
               "w1": "BTD,DF->BTF", "w3": "BTD,DF->BTF", "w2": "BTF,FD->BTD"}[name]

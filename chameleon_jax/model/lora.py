@@ -23,6 +23,7 @@ optimizer state: AdamW moments for the adapters only, not for the frozen kernels
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -102,10 +103,7 @@ def init_lora(params, cfg: LoraConfig, key: jax.Array) -> dict:
     for i, name in enumerate(cfg.targets):
         path, n_in = TARGETS[name]
         layers, ins, outs = _split_axes(_get(params, path).shape, n_in)
-        fan_in = 1
-        for d in ins:
-            fan_in *= d
-        a = jax.random.normal(jax.random.fold_in(key, i), (layers, *ins, cfg.rank), jnp.float32) * fan_in ** -0.5
+        a = jax.random.normal(jax.random.fold_in(key, i), (layers, *ins, cfg.rank), jnp.float32) * math.prod(ins) ** -0.5
         b = jnp.zeros((layers, cfg.rank, *outs), jnp.float32)
         _put(lora, path, {"a": a, "b": b})
     return lora
