@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices so meshes like (2,2,2) exist on a laptop."""
 import os
+import sys
 import tempfile
 
 import pytest
@@ -14,6 +15,25 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def huge_page_malloc_for_started_programs():
+    """The programs tests start (train, eval, smoke, ...) get the huge-page malloc tunable from the start.
+
+    Their entry points call cpu.use_huge_pages(), which, without the tunable in the environment,
+    re-executes the process after importing jax once for nothing: ~2 s of CPU (3-5 s wall under load)
+    per process started, ~25 launches of one or two processes in the suite. With it already set they run
+    exactly as after that re-exec. A fixture, not module code: it runs in the processes that run tests,
+    never in an xdist controller, so pytest's own workers keep the default malloc.
+    """
+    from chameleon_jax import cpu
+
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (sys.platform.startswith("linux") and not os.environ.get(cpu.NO_HUGE_PAGES_ENV)
+            and "glibc.malloc.hugetlb" not in tunables and cpu._transparent_huge_pages()):
+        os.environ["GLIBC_TUNABLES"] = f"{tunables}:{cpu.HUGE_PAGES_TUNABLE}" if tunables else cpu.HUGE_PAGES_TUNABLE
+    yield
 
 
 @pytest.fixture(scope="session")

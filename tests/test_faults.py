@@ -9,7 +9,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+
+
+def env(**extra):
+    """The environment of the processes a test starts: read when it starts them, so that what the test
+    session set up (tests/conftest.py) reaches them."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", **extra}
 
 
 def test_launcher_names_the_dead_worker_and_exits_128_plus_its_signal(tmp_path):
@@ -19,7 +24,7 @@ def test_launcher_names_the_dead_worker_and_exits_128_plus_its_signal(tmp_path):
               f"    open({str(stamp)!r}, 'w').write(repr(time.time())); os.kill(os.getpid(), signal.SIGKILL)\n"
               "time.sleep(60)\n")
     r = subprocess.run([sys.executable, str(REPO / "launch/local.py"), "--processes", "2", "--timeout", "60", "--",
-                        sys.executable, "-c", worker], capture_output=True, text=True, timeout=90, env=ENV)
+                        sys.executable, "-c", worker], capture_output=True, text=True, timeout=90, env=env())
     took = time.time() - float(stamp.read_text())
     print(f"worker 1 SIGKILLed -> launcher exit {r.returncode} in {took:.2f} s")
     assert r.returncode == 137, (r.returncode, r.stderr)
@@ -30,7 +35,7 @@ def test_launcher_names_the_dead_worker_and_exits_128_plus_its_signal(tmp_path):
 def test_launcher_passes_on_a_workers_own_exit_status(tmp_path):
     worker = "import sys; sys.exit(3 if sys.argv[sys.argv.index('--process_id') + 1] == '0' else 0)"
     r = subprocess.run([sys.executable, str(REPO / "launch/local.py"), "--processes", "2", "--timeout", "60", "--",
-                        sys.executable, "-c", worker], capture_output=True, text=True, timeout=90, env=ENV)
+                        sys.executable, "-c", worker], capture_output=True, text=True, timeout=90, env=env())
     assert r.returncode == 3 and "process 0 exited with status 3" in r.stderr, (r.returncode, r.stderr)
 
 
@@ -63,7 +68,7 @@ def _train(workdir, *overrides, timeout=240):
     return subprocess.run([sys.executable, "-m", "chameleon_jax.train", "--config", str(REPO / "experiments/tiny.py"),
                            "--workdir", str(workdir), "--config.train.peak_flops=1e11", *overrides],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**ENV, "JAX_NUM_CPU_DEVICES": "1"})
+                          env=env(JAX_NUM_CPU_DEVICES="1"))
 
 
 def test_pretokenized_shards_train_from_the_command_line_with_overrides_alone(tmp_path):
@@ -112,7 +117,7 @@ def _launch(workdir, *overrides):
     t = time.perf_counter()
     # Generous limits: a starved shared 2-vCPU machine took 130 s for a 10-step launch (load 17); the
     # launcher's own --timeout ends a hang first, and the assertions are about outcomes, not speed.
-    r = subprocess.run(_launch_command(workdir, *overrides), capture_output=True, text=True, timeout=480, env=ENV)
+    r = subprocess.run(_launch_command(workdir, *overrides), capture_output=True, text=True, timeout=480, env=env())
     return r, time.perf_counter() - t
 
 
@@ -184,7 +189,7 @@ def test_sigterm_during_restore_or_compile_is_honoured_at_the_first_step(tmp_pat
                           "--workdir", str(run), f"--config.train.steps={STEPS}", "--config.train.log_every=2",
                           "--config.checkpoint.every=2", "--config.train.eval_every=0",
                           "--config.train.peak_flops=1e11"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True, cwd=REPO, env={**ENV, "JAX_NUM_CPU_DEVICES": "1"})
+                         text=True, cwd=REPO, env=env(JAX_NUM_CPU_DEVICES="1"))
     lines, sent = [], None
     deadline = time.time() + 300
     for line in p.stderr:
