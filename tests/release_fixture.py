@@ -57,6 +57,10 @@ def _transformer_shards(rng):
                  p + "feed_forward.w2.weight": rng.standard_normal((D, FFN)),
                  p + "attention_norm.weight": 1 + 0.1 * rng.standard_normal(D),
                  p + "ffn_norm.weight": 1 + 0.1 * rng.standard_normal(D)}
+    # Matrices scaled by fan-in (torch (out, in): in = axis 1), as a trained model's are: logits of order 1, so
+    # a few fine-tuning steps move the loss visibly (std-1 matrices give logits of order sqrt(D) and a loss of ~25).
+    full = {k: x / np.sqrt(x.shape[1]) if x.ndim == 2 and not k.startswith("tok_embeddings") else x
+            for k, x in full.items()}
     split_axis = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
     shards = []
     for s in range(SHARDS):
