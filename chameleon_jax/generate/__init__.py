@@ -5,7 +5,11 @@
     answer(checkpoint, "a red circle", out_dir, mode="image")   # from a stored run, to a folder
 
     decoding.py  Generator: prefill, then KV-cached decoding in one jitted while_loop (CFG streams)
-    answer.py    one prompt from a checkpoint: tokenizer + VQ-GAN + params -> output folder
+    answer.py    a checkpoint onto a mesh (load), prompts -> ids -> one batch decoded (generate_batch),
+                 one prompt to a folder (answer)
+    batch.py     a JSONL file of prompts -> answers in folders + OUT/index.html (bad lines counted, skipped)
+    streaming.py TextStream: the text printed as the loop produces it (Generator's on_step)
+    page.py      the HTML page: each prompt, then its text and images in order
     __main__.py  python -m chameleon_jax.generate
 Sampling (temperature, top-k/p, the modality grammar, guidance) is `chameleon_jax.sampling`.
 """

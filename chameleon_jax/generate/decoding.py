@@ -125,16 +125,24 @@ class Generator:
     With `mesh`, params are expected sharded by the model's logical rules (as the train step holds them)
     and rows are sharded over ('data','fsdp'); G·B must then divide by data×fsdp.
     `compiler_options` go to XLA (tests pass {"xla_backend_optimization_level": 0} to compile faster).
+    `on_step(i, tokens)`, when given, is called on the host from inside the decoding loop (a
+    `jax.debug.callback`, so the loop never returns to Python) every `stream_every` steps and after the
+    last: i is the latest step, tokens the [B, max_new_tokens] ids generated so far (steps 0..i filled).
+    A callback costs far more than a small model's decode step on CPU (benchmarks/bench_stream.py), so
+    tokens travel in chunks; calls may reach the host out of order (generate/streaming.py copes).
     """
 
     def __init__(self, graphdef, model_cfg, vocab: vocab_lib.Vocab, config: GenerationConfig,
-                 mesh=None, rules=shd.DEFAULT_RULES, compiler_options: dict | None = None):
+                 mesh=None, rules=shd.DEFAULT_RULES, compiler_options: dict | None = None,
+                 on_step: Callable[[np.ndarray, np.ndarray], None] | None = None, stream_every: int = 32):
         self.graphdef, self.model_cfg, self.vocab, self.config = graphdef, model_cfg, vocab, config
         self.mesh, self.rules = mesh, rules
         self.grammar = sampling.Grammar.build(vocab, model_cfg.vocab_size, config.image_shape,
                                               config.image_output, config.extra_stop_ids)
         self.streams = GUIDANCE_STREAMS[config.guidance]
-        fn = functools.partial(_generate, graphdef, self.grammar, config, self.streams)
+        if stream_every < 1:
+            raise ValueError(f"stream_every={stream_every} must be >= 1 (steps between host callbacks)")
+        fn = functools.partial(_generate, graphdef, self.grammar, config, self.streams, on_step, stream_every)
         if mesh is None:
             self._fn = jax.jit(fn, compiler_options=compiler_options)
         else:
@@ -164,7 +172,7 @@ class Generator:
         if self.mesh is None:
             out = self._fn(params, tokens, segment_ids, key, scales)
         else:
-            with jax.set_mesh(self.mesh):
+            with jax.set_mesh(self.mesh), shd.activation_rules(self.rules):
                 out = self._fn(params, tokens, segment_ids, key, scales)
         out = jax.device_get(out)
         return GenerationOutput(np.asarray(out["tokens"]), np.asarray(out["lengths"]), self.vocab,
@@ -187,8 +195,8 @@ def _decode_head(model, rows: int):
     return head
 
 
-def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int, params, tokens,
-              segment_ids, key, scales):
+def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int, on_step, stream_every: int,
+              params, tokens, segment_ids, key, scales):
     model = model_lib.bind(graphdef, params)
     vocab = g.vocab
     b, p = tokens.shape
@@ -241,6 +249,12 @@ def _generate(graphdef, g: sampling.Grammar, cfg: GenerationConfig, streams: int
             g, step_logits(logits, state), state, t_max - i, jax.random.fold_in(key, i), cfg.text,
             cfg.image, presence)
         out_tokens = out_tokens.at[:, i].set(token)
+        if on_step is not None:
+            # Every `stream_every` steps, and at the last one. Unordered: an ordered effect is refused
+            # on a multi-device mesh; each call carries all tokens so far, so the host needs no order.
+            last = (i + 1 >= t_max) | jnp.all(new_state.done)
+            jax.lax.cond(((i + 1) % stream_every == 0) | last,
+                         lambda: jax.debug.callback(on_step, i, out_tokens), lambda: None)
         if out_logits is not None:
             out_logits = out_logits.at[:, i].set(logits[:b])
         if presence is not None:
