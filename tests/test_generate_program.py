@@ -124,6 +124,7 @@ def test_a_jsonl_batch_answers_every_good_line_and_counts_the_bad(answered):
         streamed = "\n".join(line[len(f"[{n}] "):] for line in stdout.split("\n") if line.startswith(f"[{n}] "))
         text = "".join(p.get("text", "") for p in record["segments"])
         assert text and streamed == text, (streamed, text)
+    assert "\n[3] <image>" in stdout  # a batch of one is still labelled; its prompt opened the image
     image_answer = json.loads((out / "3" / "output.json").read_text())
     assert image_answer["segments"][0]["image"] == "image_1.png"  # an image answer opens with its image
     page = (out / "index.html").read_text()

@@ -158,7 +158,8 @@ class Decoding:
 
 
 def generate_batch(loaded: Loaded, requests: Sequence[Request], ids: Sequence[list[int]], decoding: Decoding,
-                   stream=None, stream_every: int = 32, compiler_options: dict | None = None) -> tuple[list, object]:
+                   stream=None, stream_every: int = 32, labelled: bool | None = None,
+                   compiler_options: dict | None = None) -> tuple[list, object]:
     """Decodes prompts of one mode as one batch on the loaded mesh; returns each answer's segments (text
     strings and code grids, in order). The batch is padded with copies of its first prompt to a
     multiple of data × fsdp. `stream` (a file, e.g. sys.stdout) gets the text as it is produced, in
@@ -179,7 +180,8 @@ def generate_batch(loaded: Loaded, requests: Sequence[Request], ids: Sequence[li
         text_scale=decoding.text_scale, image_scale=decoding.image_scale,
         extra_stop_ids=(vocab.end_turn,) if decoding.stop_at_end_of_turn else ())
     rows = list(ids) + [ids[0]] * (-len(ids) % loaded.row_multiple)
-    streamer = TextStream(loaded.tokenizer.decode, vocab, [r.label for r in requests], stream) if stream else None
+    streamer = TextStream(loaded.tokenizer.decode, vocab, [r.label for r in requests], stream, labelled,
+                          [p[-1] == vocab.begin_image for p in ids]) if stream else None
     gen = Generator(loaded.graphdef, loaded.model_cfg, vocab, gen_config, mesh=loaded.mesh, rules=loaded.rules,
                     compiler_options=compiler_options, on_step=streamer.put if streamer else None,
                     stream_every=stream_every)

@@ -76,7 +76,7 @@ def run(loaded: Loaded, requests: Sequence[Request], out: str, decoding: Decodin
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
             answers, result = generate_batch(loaded, [r for r, _ in chunk], [ids for _, ids in chunk], decoding,
-                                             stream=stream, stream_every=stream_every,
+                                             stream=stream, stream_every=stream_every, labelled=not flat,
                                              compiler_options=compiler_options)
             for i, ((r, ids), segments) in enumerate(zip(chunk, answers)):
                 folder = "" if flat else str(r.label)

@@ -34,17 +34,19 @@ class TextStream:
     """Collects each step's tokens [B] (in any order) and writes the answers' text to `out`."""
 
     def __init__(self, decode: Callable[[list[int]], str], vocab: vocab_lib.Vocab, labels: Sequence,
-                 out: TextIO | None = None):
+                 out: TextIO | None = None, labelled: bool | None = None, in_image: Sequence[bool] = ()):
+        """labelled: print labelled lines (default: when there are several rows; a JSONL run always
+        does, so each answer is named). in_image: rows whose prompt opened the image they answer with."""
         self.decode, self.vocab, self.labels = decode, vocab, list(labels)
         self.out = out if out is not None else sys.stdout
+        self.labelled = len(self.labels) > 1 if labelled is None else labelled
         self.rows = [_Row() for _ in self.labels]
+        for r, opened in enumerate(in_image):
+            if opened:
+                self._take(r, self.rows[r], vocab.begin_image)
         self._pending: dict[int, np.ndarray] = {}
         self._next = 0
         self._lock = threading.Lock()  # the callback may run on an XLA thread
-
-    @property
-    def batched(self) -> bool:
-        return len(self.labels) > 1
 
     def put(self, step, tokens) -> None:
         """`Generator`'s on_step: the latest step and the tokens [B, T] generated so far (steps 0..step
@@ -68,10 +70,10 @@ class TextStream:
         with self._lock:
             for r, row in enumerate(self.rows):
                 self._emit(r, row, final=True)
-                if self.batched and row.line:
+                if self.labelled and row.line:
                     self.out.write(f"[{self.labels[r]}] {row.line}\n")
                     row.line = ""
-            if not self.batched:
+            if not self.labelled:
                 self.out.write("\n")
             self.out.flush()
 
@@ -100,7 +102,7 @@ class TextStream:
             row.printed = cut
 
     def _write(self, r: int, row: _Row, text: str) -> None:
-        if not self.batched:
+        if not self.labelled:
             self.out.write(text)
             return
         lines = (row.line + text).split("\n")
