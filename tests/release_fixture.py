@@ -84,6 +84,10 @@ def _tokenizer_json(path):
     names = ["<s>", "<pad>", "</s>", "<unk>"] + [text.image_token_name(c) for c in range(N_EMBED)]
     names += ["<eoss>", "<racm3:break>"] + [f"<reserved{i - 4:05d}>" for i in range(8198, 8711)]
     names += list("abcdefghijklmnopqrstuvwxyz .") + ["ca", "cat"]
+    # Like the release's, the tokenizer names every id of the model's vocabulary, so any text token a model
+    # samples decodes to text: the rest are 4-letter pieces (no merge produces them).
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    names += ["".join(letters[i // 26 ** k % 26] for k in range(4)) for i in range(VOCAB - len(names))]
     vocab = {name: i for i, name in enumerate(names)}
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [("c", "a"), ("ca", "t")], unk_token="<unk>"))
     tok.save(str(path))
@@ -95,7 +99,7 @@ def build_release(root, seed: int = 0):
     and the file the pickled Tripwire would write if the loader ran its code."""
     rng = np.random.default_rng(seed)
     model_dir, tok_dir = root / "30b", root / "tokenizer"
-    model_dir.mkdir()
+    model_dir.mkdir(parents=True)
     tok_dir.mkdir()
     full, shards = _transformer_shards(rng)
     for s, shard in enumerate(shards):
