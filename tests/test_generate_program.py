@@ -37,8 +37,11 @@ WORDS = ("the red circle sits on a blue square near the green line while a small
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
+    return make_export(tmp_path_factory.mktemp("gen"))
+
+
+def make_export(root):
     """A params export with its VQ-GAN bundled (OUT/vqgan) and its tokenizer named in config.generate."""
-    root = tmp_path_factory.mktemp("gen")
     lines = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
     sp = text_lib.train_sentencepiece(lines, str(root / "tok" / "sp"), vocab_size=320, num_threads=1)
     tok = text_lib.load(sp, image_codes=VQ.n_embed)
