@@ -80,6 +80,10 @@ def main(argv):
     summary = batch.run(loaded, requests, F.out, decoding, batch_size=F.batch_size,
                         stream=sys.stdout if F.stream else None, stream_every=F.stream_every, skipped=skipped,
                         flat=not F.prompts)
+    if not F.stream:  # the answers' text and image files, as the stream would have shown them
+        for e in summary["entries"]:
+            lines = [p["text"] if "text" in p else f"[{p['image']}]" for p in e["parts"]]
+            print("\n".join(lines if not F.prompts else (f"[{e['label']}] {x}" for x in lines)))
     late = [(n, why) for n, why in summary["skipped"] if (n, why) not in skipped]
     for n, why in late:
         print(f"skipped line {n}: {why}" if F.prompts else f"skipped: {why}")

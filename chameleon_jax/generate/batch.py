@@ -88,5 +88,5 @@ def run(loaded: Loaded, requests: Sequence[Request], out: str, decoding: Decodin
     order = [r.label for r in requests if r.label in entries]
     skipped.sort()
     index = page.write(out, [entries[k] for k in order], skipped)
-    return {"page": str(index), "answers": len(order), "skipped": skipped,
+    return {"page": str(index), "answers": len(order), "skipped": skipped, "entries": [entries[k] for k in order],
             "images": sum("image" in p for e in entries.values() for p in e["parts"])}
