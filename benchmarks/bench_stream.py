@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 
 def main():

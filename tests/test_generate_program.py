@@ -2,7 +2,7 @@
 produced, answers on an HTML page checked in headless Chromium, and a sharded mesh that gives the same
 tokens as one device. The checkpoint is a tiny 34B-shaped model (experiments/tiny.py:gqa: 2 kv heads
 for 4 query heads, 2 QK-norm groups, swin block order) with a tiny VQ-GAN and tokenizer beside it."""
-import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -19,8 +19,8 @@ from chameleon_jax import checkpoint as ckpt
 from chameleon_jax import config as config_lib
 from chameleon_jax import model as model_lib
 from chameleon_jax import text as text_lib
+from chameleon_jax import vocab as vocab_lib
 from chameleon_jax.convert import release
-from chameleon_jax.generate import batch
 from chameleon_jax.generate.answer import Decoding, Request, load
 from chameleon_jax.generate.streaming import TextStream
 from chameleon_jax.vqgan import checkpoint as vq_checkpoint
@@ -45,7 +45,10 @@ def make_export(root):
     lines = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
     sp = text_lib.train_sentencepiece(lines, str(root / "tok" / "sp"), vocab_size=320, num_threads=1)
     tok = text_lib.load(sp, image_codes=VQ.n_embed)
-    config = __import__("experiments.tiny", fromlist=["get_config"]).get_config("gqa")
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "experiments", "tiny.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config("gqa")
     config.model.vocab_size = -(-tok.vocab.size // 8) * 8  # divisible by any tensor size up to 8
     config.generate = {"tokenizer": sp}
     model_cfg = config_lib.validate(config)
@@ -191,9 +194,9 @@ def test_the_page_shows_the_text_and_the_decoded_images_in_chromium(answered, tm
 def test_stream_prints_steps_in_order_and_matches_the_answer():
     """Steps may reach the host out of order; one prompt prints like TextStreamer (words as they
     complete), several print whole lines with their labels."""
-    vocab = __import__("chameleon_jax.vocab", fromlist=["custom"]).custom(text_pieces=26, image_codes=4)
+    vocab = vocab_lib.custom(text_pieces=26, image_codes=4)
     letters = {vocab.text_start + i: chr(ord("a") + i) for i in range(26)}
-    space = vocab.text_start + 25  # 'z' stands for a space, 'y' for a newline
+    # 'z' stands for a space, 'y' for a newline.
     decode = lambda ids: "".join(letters[i] for i in ids).replace("z", " ").replace("y", "\n")
     row = [vocab.text_start + i for i in (0, 1, 25, 2, 24, 3)] + [vocab.begin_image, 4, 5, vocab.end_image,
                                                                   vocab.text_start + 4, vocab.eos]
