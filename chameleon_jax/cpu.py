@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 
-import jax
+# jax is imported inside the functions: an entry point calls use_huge_pages() first, and it re-executes
+# the process, so a jax import before it (~2 s of CPU) would be thrown away.
 
 log = logging.getLogger(__name__)
 XLA_FLAG = "--xla_force_host_platform_device_count"
@@ -82,17 +83,20 @@ def use_every_core(n: int | None = None, divides: tuple[int, ...] = ()) -> int:
     return n
 
 
-def data_mesh(batch_size: int, devices=None) -> jax.sharding.Mesh:
+def data_mesh(batch_size: int, devices=None) -> "jax.sharding.Mesh":
     """A 1-D ("data",) mesh over the first k of `devices` (default all), k the largest count that divides
     `batch_size`, so a batch shards evenly over it (one device per core after `use_every_core`)."""
+    import jax
     devices = list(jax.devices() if devices is None else devices)
     k = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
     return jax.make_mesh((k,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:k])
 
 
 def _configured_count() -> int:
+    import jax
     return jax.config.jax_num_cpu_devices  # -1 unless someone chose
 
 
 def _set_count(n: int) -> None:
+    import jax
     jax.config.update("jax_num_cpu_devices", n)
