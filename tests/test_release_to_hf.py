@@ -201,6 +201,7 @@ def test_anole_finetune_trains_only_the_image_rows(export, finetuned, released, 
     moved = (out_before != out_after).any(axis=0)  # per vocabulary column of the [D, V] kernel
     assert moved[trained].all(), f"{(~moved[trained]).sum()} image rows did not train"
     assert not moved[:start].any() and not moved[stop + 1:].any(), "a text row of the head changed"
+    assert jax.tree.structure(after) == jax.tree.structure(before)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after)):
         if jax.tree_util.keystr(path) != "['output']":
             np.testing.assert_array_equal(y, x, err_msg=f"frozen {jax.tree_util.keystr(path)} changed")
