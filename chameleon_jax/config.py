@@ -5,6 +5,8 @@ Experiment files in experiments/ start from `base_config()` and change only what
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
 
 import ml_collections
@@ -12,6 +14,8 @@ import ml_collections
 from chameleon_jax.model import trainable
 from chameleon_jax.model.config import ATTENTION_KERNELS, REMAT_POLICIES, ModelConfig
 from chameleon_jax.model.sharding import MESH_AXES, mesh_shape, slice_layout
+
+log = logging.getLogger(__name__)
 
 CHAMELEON_IMAGE_IDS = (4, 4 + 8192)  # image codes are ids 4..8195 (spec §4.7)
 
@@ -72,6 +76,50 @@ def parse_profile_steps(spec: str) -> range | None:
         raise ValueError(f"profile.steps={spec!r}; write FIRST:END with 1 <= FIRST < END (END excluded), "
                          f"e.g. --config.profile.steps=10:13 for steps 10, 11 and 12.")
     return range(int(m[1]), int(m[2]))
+
+
+# Model fields a run chooses for itself whatever weights it starts from: how it computes, not what the weights
+# are. Every other model field is a shape (or the math the weights were trained with) and comes from them.
+MODEL_NUMERICS = ("dtype", "param_dtype", "remat", "attention", "attention_block", "dropout", "init_std",
+                  "scan_layers")
+
+
+def model_from_init_checkpoint(config, init_config, explicit=()) -> ml_collections.ConfigDict:
+    """`config` with the model that `init.checkpoint`'s weights define: its shape fields and `loss.image_ids`
+    from `init_config` (the config stored with that checkpoint or export), MODEL_NUMERICS kept as the
+    experiment and its flags set them. As with HF's from_pretrained, the weights define the model.
+
+    `explicit`: the config fields set on the command line ("model.d_model", ...). One that names a field the
+    checkpoint defines with another value is a contradiction, and raises ValueError naming both values.
+    Returns a copy; `config` is unchanged.
+    """
+    taken = {f"model.{k}": v for k, v in init_config["model"].items()
+             if k not in MODEL_NUMERICS and k in config.model}
+    if "loss" in init_config and "image_ids" in init_config["loss"]:
+        taken["loss.image_ids"] = tuple(int(x) for x in init_config["loss"]["image_ids"])
+    out = copy.deepcopy(config)
+    errors, changed = [], []
+    for name, value in taken.items():
+        section, field = name.split(".")
+        ours = out[section][field]
+        same = tuple(ours) == value if isinstance(value, tuple) else ours == value
+        if name in explicit and not same:
+            errors.append(f"--config.{name}={ours!r} but init.checkpoint {config.init.checkpoint} holds "
+                          f"{name}={value!r}")
+        if not same:
+            changed.append(f"{name}={value!r} (experiment: {ours!r})")
+        out[section][field] = float(value) if isinstance(ours, float) else value
+    if errors:
+        raise ValueError("; ".join(errors) + ". The checkpoint's weights define the model: drop the flag, or "
+                         "start from a checkpoint of that shape.")
+    if out.finetune.rows and "finetune.rows" not in explicit and tuple(out.loss.image_ids) != tuple(
+            config.loss.image_ids):
+        log.warning("finetune.rows=%s was written for the experiment's loss.image_ids %s; the checkpoint's are %s "
+                    "(set --config.finetune.rows for them)", out.finetune.rows,
+                    tuple(config.loss.image_ids), tuple(out.loss.image_ids))
+    log.info("model from init.checkpoint %s: %s", config.init.checkpoint,
+             ", ".join(changed) if changed else "the experiment's shape already (nothing changed)")
+    return out
 
 
 def validate(config, num_devices: int | None = None) -> ModelConfig:

@@ -73,14 +73,15 @@ def load(path: str, *, mesh=(1, 1, 1), devices=None, tokenizer: str | None = Non
          vqgan_config=None) -> Loaded:
     """Restores the checkpoint at `path` (a training workdir, a step folder or a params export) onto a
     (data, fsdp, tensor) mesh of `devices` (default: all; -1 fills), sharded by the config's rules as
-    eval restores it, and loads its tokenizer and VQ-GAN (named by the config's `generate` block, or
-    bundled in a converted release, or given here)."""
+    eval restores it, and loads its tokenizer and VQ-GAN (given here, or named by the config's `generate`
+    block, or bundled in a converted release: `path` itself or the run's init.checkpoint)."""
     import jax
     import jax.numpy as jnp
 
     from chameleon_jax import checkpoint as ckpt
     from chameleon_jax import model as model_lib
     from chameleon_jax import text as text_lib
+    from chameleon_jax.convert import release
     from chameleon_jax.evals.checkpoint import restore_for_eval
     from chameleon_jax.model import sharding as shd
     from chameleon_jax.vqgan import checkpoint as vq_checkpoint
@@ -88,18 +89,21 @@ def load(path: str, *, mesh=(1, 1, 1), devices=None, tokenizer: str | None = Non
 
     config = ckpt.read_config(path)
     recorded = dict(config.get("generate", {}) or {})
-    # A converted release (`python -m chameleon_jax.convert --from meta`) carries both inside the export.
-    bundled = epath.Path(path)
-    tok_path = tokenizer or recorded.get("tokenizer") or (
-        str(path) if (bundled / text_lib.BUNDLED).is_file() else None)
+    # A converted release (`python -m chameleon_jax.convert --from meta`) carries both inside the export, and
+    # a run fine-tuned from one names it as init.checkpoint: its tokenizer and VQ-GAN are the run's too.
+    exports = [path] + ([config.init.checkpoint] if config.get("init", {}).get("checkpoint") else [])
+    tok_path = tokenizer or recorded.get("tokenizer") or next(
+        (str(p) for p in map(release.tokenizer_path, exports) if p is not None), None)
     if not tok_path:
-        raise ValueError("no tokenizer: pass --tokenizer (the run's config has no generate.tokenizer)")
+        raise ValueError("no tokenizer: pass --tokenizer (the run's config has no generate.tokenizer, and neither "
+                         "it nor its init.checkpoint is a converted release with tokenizer/)")
     # "vqgan_workdir": the key smoke runs recorded before `generate.vqgan`.
-    vq_path = vqgan or recorded.get("vqgan") or recorded.get("vqgan_workdir") or (
-        str(path) if (bundled / vq_checkpoint.BUNDLED / "state").is_dir() else None)
+    vq_path = vqgan or recorded.get("vqgan") or recorded.get("vqgan_workdir") or next(
+        (str(p) for p in map(release.vqgan_path, exports) if p is not None), None)
     if not vq_path:
         raise ValueError("no VQ-GAN: pass --vqgan RUN (a finished `python -m chameleon_jax.vqgan.train` run or "
-                         "its export); the run's config has no generate.vqgan")
+                         "its export); the run's config has no generate.vqgan, and neither it nor its "
+                         "init.checkpoint is a converted release with vqgan/")
     vq_cfg, vq_params = vq_checkpoint.load(vq_path, vqgan_config)
     tok = text_lib.load(tok_path, image_codes=vq_cfg.n_embed)
 

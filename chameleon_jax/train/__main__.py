@@ -44,6 +44,26 @@ def init_distributed() -> None:
         jax.distributed.initialize(heartbeat_timeout_seconds=F.heartbeat_timeout_s)
 
 
+def config_with_init_model():
+    """The experiment config, its model shaped as its init.checkpoint's weights are (fine-tuning an export)."""
+    from chameleon_jax import checkpoint as ckpt
+    from chameleon_jax import config as config_lib
+
+    config = flags.FLAGS.config
+    if not config.init.checkpoint:
+        return config
+    ckpt.resolve_step_dir(config.init.checkpoint)  # a wrong path fails here, naming what it expected
+    try:
+        stored = ckpt.read_config(config.init.checkpoint)
+    except FileNotFoundError:
+        logging.getLogger("chameleon_jax.train").warning(
+            "init.checkpoint %s has no stored config: the experiment's model must match its weights",
+            config.init.checkpoint)
+        return config
+    return config_lib.model_from_init_checkpoint(
+        config, stored, explicit=set(config_flags.get_override_values(flags.FLAGS["config"])))
+
+
 def main(argv):
     del argv
     # A SIGTERM while joining the job would otherwise hit the default action (the notifier that owns the
@@ -69,13 +89,18 @@ def main(argv):
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        config = config_with_init_model()
+    except ValueError as e:  # the command line contradicts the weights it starts from
+        logging.getLogger("chameleon_jax.train").error("%s", e)
+        sys.exit(2)
+    try:
         # Entered before the task is built, so a signal from here on (data, restore, first compile) is
         # honoured at the first step boundary on every process. One remembered above is handed on now:
         # to StopSignal's handler (one process) or to jax's preemption notifier (several).
         with preemption.StopSignal() as stop:
             if early:
                 signal.raise_signal(signal.SIGTERM)
-            result = runner.train(flags.FLAGS.config, flags.FLAGS.workdir, stop)
+            result = runner.train(config, flags.FLAGS.workdir, stop)
     except runner.NonFiniteError as e:
         logging.getLogger("chameleon_jax.train").error("%s", e)
         sys.exit(3)
