@@ -276,6 +276,8 @@ def test_when_no_batch_fits_the_search_splits_the_heads_over_more_chips(tmp_path
                               compile=False, config=config, log=lambda s: None)
     assert result.best.plan_obj == split
     assert result.remat_tried == [base.remat, "full", "tensor=2:", base.remat]
+    from chameleon_jax.aot import table
+    assert "at data=1 fsdp=4 tensor=1 one sequence fit at no remat" in "\n".join(table.results_table([result]))
 
 
 def test_a_mesh_axis_that_splits_a_torus_ring_is_built_on_v6e():
@@ -288,3 +290,19 @@ def test_a_mesh_axis_that_splits_a_torus_ring_is_built_on_v6e():
                          devices)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 8}
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+def test_a_logged_probe_of_one_more_sequence_settles_the_boundary_after_the_search_stopped(tmp_path):
+    from chameleon_jax.aot import table
+    config = sweep.load_config("experiments/tiny.py")
+    case = sweep.Case("tiny", "experiments/tiny.py", "v5e:2x2")
+    limit = 16 * aot.GiB
+    plan = dataclasses.replace(sweep.config_plan(config, 4, "xla"), batch_per_shard=1, microbatches=1)
+    cache = sweep.ProbeCache(str(tmp_path / "probes.jsonl"))
+    cache.put(sweep.Probe(case.key, case.topology, dataclasses.asdict(plan), True, limit, 2 * aot.GiB))
+    cache.put(sweep.Probe(case.key, case.topology, dataclasses.asdict(dataclasses.replace(plan, batch_per_shard=2)),
+                          False, limit, 0, 20 * aot.GiB))
+    result = sweep.sweep_case(case, attention="xla", cache=sweep.ProbeCache(cache.path), compile=False,
+                              config=config, log=lambda s: None, max_probes=1)
+    assert result.best.plan_obj == plan
+    assert "largest fit; 2/shard compiled and does not fit" in "\n".join(table.results_table([result]))

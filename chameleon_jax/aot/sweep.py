@@ -358,6 +358,13 @@ def sweep_case(case: Case, *, attention: str, remats: list[str] | None = None, c
             result.remat_tried.append(f"tensor={split[2]}:")
         if _search_remats(case, plan0, order, result, measured, slopes, limit, max_probes, attention, config):
             break
+    if result.best is not None:
+        # A probe of one more sequence that the log holds (compiled by hand or by an earlier, longer
+        # search) settles the boundary even when this search stopped before asking for it.
+        above = dataclasses.replace(result.best.plan_obj, batch_per_shard=result.best.plan["batch_per_shard"] + 1)
+        hit = cache.get(case.key, above, limit)
+        if hit is not None and hit not in result.probes:
+            result.probes.append(hit)
     if not compile and not result.probes and result.at_config is None:
         raise NotCompiled(f"{case.key}: no probe in the log")
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from chameleon_jax.aot import hlo
 from chameleon_jax.aot import roofline
 from chameleon_jax.aot.sweep import CaseResult, Probe, slice_name
@@ -74,10 +76,16 @@ def results_table(results: list[CaseResult]) -> list[str]:
                         f"| | | | | | | | | | {len(r.probes)} compiles |")
             continue
         b = r.best.plan["batch_per_shard"]
-        confirmed = any(not q.fits and q.plan["batch_per_shard"] == b + 1 and q.plan["remat"] == r.best.plan["remat"]
+        confirmed = any(not q.fits and q.plan_obj == dataclasses.replace(r.best.plan_obj, batch_per_shard=b + 1)
                         for q in r.probes)
         note = (f"largest fit; {b + 1}/shard compiled and does not fit" if confirmed
                 else f"largest seen to fit; {b + 1}/shard not compiled")
+        others = [q for q in r.probes if tuple(q.plan["mesh"]) != tuple(r.best.plan["mesh"])]
+        if others:  # the config's split fit no batch: say what was compiled there
+            d, f, t = others[0].plan["mesh"]
+            needs = min(q.total_bytes or q.temp_bytes for q in others)
+            note += (f"; at data={d} fsdp={f} tensor={t} one sequence fit at no remat "
+                     f"({', '.join(sorted({q.plan['remat'] for q in others}))}; >= {needs / 2 ** 30:.2f} GiB)")
         rows.append(probe_row(label, r.best, note))
         if r.at_config is not None:
             rows.append(probe_row(f"{label}, config's global batch", r.at_config, "as the experiment config states"))
