@@ -52,9 +52,12 @@ def config_with_init_model():
     config = flags.FLAGS.config
     if not config.init.checkpoint:
         return config
-    ckpt.resolve_step_dir(config.init.checkpoint)  # a wrong path fails here, naming what it expected
+    try:  # resuming: the run recorded that model when it started, and needs the export no more
+        source = ckpt.resolve_step_dir(flags.FLAGS.workdir)
+    except FileNotFoundError:
+        source = ckpt.resolve_step_dir(config.init.checkpoint)  # a wrong path fails here, naming what it expected
     try:
-        stored = ckpt.read_config(config.init.checkpoint)
+        stored = ckpt.read_config(source)
     except FileNotFoundError:
         logging.getLogger("chameleon_jax.train").warning(
             "init.checkpoint %s has no stored config: the experiment's model must match its weights",
