@@ -91,6 +91,30 @@ def test_train_program_refuses_a_contradicting_flag_before_it_builds_anything(ex
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def train(*args):
+    return subprocess.run([sys.executable, "-m", "chameleon_jax.train", "--config", "experiments/anole_7b.py:tiny",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_train_program_fine_tunes_the_export_and_resumes_without_it(export, tmp_path):
+    own = tmp_path / "export"  # a copy the run may lose between its launches
+    shutil.copytree(export, own)
+    args = ["--workdir", str(tmp_path / "run"), f"--config.init.checkpoint={own}",
+            "--config.finetune.rows=output=4:8197", "--config.train.batch_size=1", "--config.train.seq_len=32",
+            "--config.train.log_every=1", "--config.train.eval_every=0", "--config.checkpoint.every=1",
+            "--config.checkpoint.async_save=false"]
+    first = train(*args, "--config.train.steps=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "model.d_model=32 (experiment: 64)" in first.stderr and "initialised params from" in first.stderr
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["model"]["d_model"] == 32 and recorded["loss"]["image_ids"] == [4, 8196]
+    shutil.rmtree(own)
+    again = train(*args, "--config.train.steps=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "step 2:" in again.stdout + again.stderr
+
+
 def fine_tuned_run(export, root, init):
     """A params export shaped as a run fine-tuned from `init`: the export's weights, a config naming `init`
     as init.checkpoint and no generate block (what a fine-tune of the release records)."""
