@@ -108,7 +108,8 @@ def model_from_init_checkpoint(config, init_config, explicit=()) -> ml_collectio
                           f"{name}={value!r}")
         if not same:
             changed.append(f"{name}={value!r} (experiment: {ours!r})")
-        out[section][field] = float(value) if isinstance(ours, float) else value
+        with out[section].ignore_type():  # the weights' value as stored (e.g. a float where the experiment had 1)
+            out[section][field] = float(value) if isinstance(ours, float) else value
     if errors:
         raise ValueError("; ".join(errors) + ". The checkpoint's weights define the model: drop the flag, or "
                          "start from a checkpoint of that shape.")
