@@ -43,8 +43,10 @@ flags.DEFINE_enum("guidance", "none", sorted(GUIDANCE_STREAMS), "Classifier-free
 flags.DEFINE_float("text_scale", 3.0, "Guidance scale of the text condition.")
 flags.DEFINE_float("image_scale", 1.2, "Guidance scale of the image condition.")
 flags.DEFINE_bool("stop_at_end_of_turn", False, "Also stop at end-of-turn (chat/SFT models).")
-flags.DEFINE_string("tokenizer", None, "sentencepiece .model or official .json (default: from the run's config).")
-flags.DEFINE_string("vqgan", None, "A finished VQ-GAN run or its export (default: from the run's config).")
+flags.DEFINE_string("tokenizer", None, "sentencepiece .model or official .json (default: from the run's config, "
+                    "or the converted release it is or started from).")
+flags.DEFINE_string("vqgan", None, "A finished VQ-GAN run or its export (default: from the run's config, or the "
+                    "converted release it is or started from).")
 flags.DEFINE_alias("vqgan_workdir", "vqgan")
 config_flags.DEFINE_config_file("vqgan_config", None, "The VQ-GAN's experiment config; only for an export "
                                 "without config.json.")

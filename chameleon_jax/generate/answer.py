@@ -3,7 +3,8 @@
     lines = answer("runs/smoke/train", "a large red circle at the center.", "/tmp/red", mode="image")
 
 The checkpoint's config names its tokenizer and VQ-GAN (`config.generate`, written by the smoke
-experiment); `tokenizer=` / `vqgan=` give them for other runs. The output folder gets output.txt (text
+experiment), or they come with a converted release: the checkpoint itself, or the export a run was
+fine-tuned from (its `init.checkpoint`); `tokenizer=` / `vqgan=` give them for other runs. The output folder gets output.txt (text
 segments, `[image_<n>.png]` where an image was drawn), the PNGs and output.json (ids and codes).
 """
 from __future__ import annotations
