@@ -113,8 +113,9 @@ def model_from_init_checkpoint(config, init_config, explicit=()) -> ml_collectio
     if errors:
         raise ValueError("; ".join(errors) + ". The checkpoint's weights define the model: drop the flag, or "
                          "start from a checkpoint of that shape.")
-    if out.finetune.rows and "finetune.rows" not in explicit and tuple(out.loss.image_ids) != tuple(
-            config.loss.image_ids):
+    # Numeric rows were written for the experiment's ids; `image` / `image+N` follow the checkpoint's.
+    if (re.search(r"=\s*\d", out.finetune.rows) and "finetune.rows" not in explicit
+            and tuple(out.loss.image_ids) != tuple(config.loss.image_ids)):
         log.warning("finetune.rows=%s was written for the experiment's loss.image_ids %s; the checkpoint's are %s "
                     "(set --config.finetune.rows for them)", out.finetune.rows,
                     tuple(config.loss.image_ids), tuple(out.loss.image_ids))

@@ -3,7 +3,7 @@
 Meta's released Chameleon weights do not generate images. Anole restored generation by training
 only the rows of the output head that score image tokens (image codes and the end-of-image token),
 with everything else frozen; its users report that full fine-tuning failed where this worked. Here
-that is `finetune.trainable=output` with `finetune.rows=output=4:8197`: columns 4..8196 of our output
+that is `finetune.trainable=output` with `finetune.rows=output=image+1` (4:8197 for the release): columns 4..8196 of our output
 kernel [D, V] (vocab ids 4..8195 are the image codes, 8196 is <eoss>). The other 57,340 columns and
 every other tensor keep their bits, and the AdamW moments cover the trained slice only
 (2 x 4,096 x 8,193 floats, 268 MB, instead of 2 x 6.9 B).
@@ -44,9 +44,9 @@ def get_config(arg=None):
     tiny = arg == "tiny"
     c = _experiment("tiny" if tiny else "chameleon_7b")
     # Image codes are loss.image_ids; the end-of-image token follows them (vocab.py), and Anole trains
-    # its row too, so that a generated image can end.
-    start, stop = c.loss.image_ids
-    c.finetune.update(trainable="output", rows=f"output={start}:{stop + 1}")
+    # its row too, so that a generated image can end. `image+1` is resolved against the image ids of the
+    # checkpoint the run starts from.
+    c.finetune.update(trainable="output", rows="output=image+1")
     c.model.dropout = 0.0
     c.optimizer.update(peak_lr=1e-3, decay="cosine", final_lr_fraction=0.0, weight_decay=0.0,
                        warmup_steps=50)

@@ -221,3 +221,19 @@ def test_runner_resumes_the_partial_optimizer_state(tmp_path):
         runner.train(experiment("anole_7b", "tiny", **overrides, **{"train.steps": 4,
                                                                      "finetune.trainable": "output,final_norm"}),
                      tmp_path)
+
+
+def test_the_anole_preset_rows_follow_the_image_ids_of_the_checkpoint_it_starts_from():
+    """`output=image+1` resolves against loss.image_ids when the plan is made: after the export's ids
+    (Chameleon's 4:8196) replace the tiny experiment's, the head trains columns 4..8196 (codes + <eoss>)."""
+    from chameleon_jax.config import model_from_init_checkpoint
+    config = experiment("anole_7b", "tiny")
+    assert config.finetune.rows == "output=image+1"
+    export = experiment("tiny")
+    export.model.vocab_size = 8320
+    export.loss.image_ids = (4, 8196)
+    config = model_from_init_checkpoint(config, export.to_dict())
+    plan, errors = trainable.resolve(config.finetune, validate(config, num_devices=8), tuple(config.loss.image_ids))
+    assert not errors and dict(plan.trained)["output"] == trainable.Rows(1, 4, 8197)
+    plan, _ = trainable.resolve(config.finetune, validate(config, num_devices=8), (4, 260))
+    assert dict(plan.trained)["output"] == trainable.Rows(1, 4, 261)

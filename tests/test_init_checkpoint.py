@@ -67,8 +67,13 @@ def test_the_export_defines_the_shape_and_the_experiment_its_numerics(export, st
     assert (cfg.d_model, cfg.block_order, cfg.qk_norm_groups) == (32, "swin", 2)
     lines = [r.getMessage() for r in caplog.records if "model from init.checkpoint" in r.getMessage()]
     assert len(lines) == 1 and "model.d_model=32 (experiment: 64)" in lines[0], lines
-    # The preset's head rows follow the experiment's image ids, not the export's: said, not silently kept.
-    assert any("finetune.rows" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    # The preset's rows (image+1) follow the export's image ids: nothing to warn about. Numeric rows were
+    # written for the experiment's ids, not the export's: said, not silently kept.
+    warned = lambda: any("finetune.rows" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert not warned()
+    ours.finetune.rows = "output=4:261"
+    config_lib.model_from_init_checkpoint(ours, stored)
+    assert warned()
 
 
 def test_a_shape_flag_that_contradicts_the_export_is_refused(export, stored):

@@ -7,7 +7,7 @@
     rows          ""    PATTERN=START:STOP[,...]: of the tensors that `trainable` selected, those matching
                         PATTERN train only vocabulary ids START..STOP-1 along their vocab axis (the output
                         head [D, V]: columns; the embedding [V, D]: rows). START:STOP may be `image`
-                        (= loss.image_ids).
+                        (= loss.image_ids) or `image+N` (N more ids after them, e.g. end-of-image).
     lora.rank     0     > 0 adds adapters of that rank (model/lora.py) ...
     lora.alpha    16    ... scaled by alpha / rank ...
     lora.targets  all   ... on these projections: wq,wk,wv,wo,w1,w3,w2
@@ -124,13 +124,16 @@ def resolve(finetune, model_cfg: ModelConfig, image_ids=(0, 0)) -> tuple[Plan, l
             errors.append(f"finetune.trainable pattern {pat!r} matches no parameter; the paths are: {', '.join(paths)}.")
     rows: dict[str, Rows] = {}
     for entry in _patterns(rows_spec):
-        m = re.fullmatch(r"([^=]+)=\s*(?:(image)|(\d+)\s*:\s*(\d+))", entry)
+        m = re.fullmatch(r"([^=]+)=\s*(?:(image)(?:\s*\+\s*(\d+))?|(\d+)\s*:\s*(\d+))", entry)
         if not m:
             errors.append(f"finetune.rows entry {entry!r}; write PATTERN=START:STOP (vocabulary ids, STOP "
-                          f"excluded) or PATTERN=image, e.g. --config.finetune.rows=output=4:8196.")
+                          f"excluded), PATTERN=image or PATTERN=image+N, e.g. --config.finetune.rows=output=4:8196.")
             continue
         pat = m[1].strip().strip("/")
-        start, stop = (int(image_ids[0]), int(image_ids[1])) if m[2] else (int(m[3]), int(m[4]))
+        # image+N: the image ids and the N after them, resolved against loss.image_ids when the plan is
+        # made, so a preset follows the image ids a checkpoint brings (model_from_init_checkpoint).
+        start, stop = ((int(image_ids[0]), int(image_ids[1]) + int(m[3] or 0)) if m[2]
+                       else (int(m[4]), int(m[5])))
         hits = [p for p in selected if _matches(p, pat)]
         if not hits:
             errors.append(f"finetune.rows pattern {pat!r} matches no parameter that finetune.trainable selects "
