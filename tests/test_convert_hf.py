@@ -98,6 +98,15 @@ def converted(request, tmp_path_factory):
     return request.param, hf, cfg, params, config, root
 
 
+def logits_against_hf(cfg, params, hf, length: int = 24, seed: int = 0):
+    """Two random rows of mixed text and image tokens, their positions, and our fp32 logits and HF's."""
+    rng = np.random.default_rng(seed)
+    tokens = np.stack([_mixed_tokens(rng, length), _mixed_tokens(rng, length)])
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+    ours = _our_logits(cfg, params, tokens, np.ones_like(tokens), positions)
+    return tokens, positions, ours, _hf_logits(hf, tokens)
+
+
 def _hf_logits(hf, tokens, positions=None):
     # Unmasked logits: the base model + lm_head. ChameleonForConditionalGeneration.forward would set
     # the image-code columns to the dtype minimum (text-only release), hiding half of what we compare.
@@ -134,12 +143,8 @@ def test_config_derived_from_hf(converted):
 
 def test_logits_match_hf(converted):
     name, hf, cfg, params, _, _ = converted
-    rng = np.random.default_rng(0)
-    tokens = np.stack([_mixed_tokens(rng, 24), _mixed_tokens(rng, 24)])
+    tokens, positions, ours, ref = logits_against_hf(cfg, params, hf)
     assert ((tokens >= IMAGE_IDS[0]) & (tokens < IMAGE_IDS[1])).any()
-    positions = np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape)
-    ours = _our_logits(cfg, params, tokens, np.ones_like(tokens), positions)
-    ref = _hf_logits(hf, tokens)
     diff = np.abs(ours - ref).max()
     print(f"{name}: max |logits diff| = {diff:.2e} (logits std {ref.std():.2f})")
     assert ref.std() > 0.5  # logits carry signal, so the tolerance is meaningful

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 from chameleon_jax import model as M  # noqa: E402
 from chameleon_jax.convert import experiment_config, load_converted, save_converted  # noqa: E402
 from numerics import chain_tol, transformer_lengths  # noqa: E402
-from test_convert_hf import (IMAGE_IDS, _hf_logits, _mixed_tokens, _our_logits, _write_meta_release,  # noqa: E402
+from test_convert_hf import (IMAGE_IDS, _hf_logits, _write_meta_release, logits_against_hf,  # noqa: E402
                              convert_main)
 
 VOCAB = 320
@@ -94,11 +94,7 @@ def test_hf_from_pretrained_loads_every_transformer_weight(exported, hf_folder):
 def test_hf_logits_match_ours(exported, hf_folder):
     name, cfg, params, _ = exported
     hf, _ = hf_folder
-    rng = np.random.default_rng(0)
-    tokens = np.stack([_mixed_tokens(rng, 24), _mixed_tokens(rng, 24)])
-    positions = np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape)
-    ours = _our_logits(cfg, params, tokens, np.ones_like(tokens), positions)
-    ref = _hf_logits(hf, tokens)
+    tokens, _, ours, ref = logits_against_hf(cfg, params, hf)
     diff = np.abs(ours - ref).max()
     print(f"{name}: max |logits diff| ours vs exported HF = {diff:.2e} (logits std {ref.std():.2f})")
     assert ref.std() > 0.5  # logits carry signal, so the tolerance is meaningful
