@@ -14,10 +14,36 @@ def _tiny_config():
     c.train.update(steps=4, log_every=2, eval_every=4)
     c.checkpoint.every = 4
     c.eval.steps = 1
-    c.smoke.update(train_pairs=24, train_texts=4, heldout_pairs=8, eval_scenes=4, caption_tokens=6, grid_examples=4,
+    c.smoke.update(train_pairs=24, train_texts=4, train_questions=4, heldout_pairs=8, eval_two_object_scenes=2,
+                   eval_single_object_scenes=2, caption_tokens=6, answer_tokens=3, grid_examples=4,
                    vqgan_config="experiments/vqgan_smoke.py:tiny")
     c.smoke.vqgan_overrides = {"train": {"time_budget_s": 0, "steps": 2, "eval_every": 2}, "checkpoint": {"every": 2}}
     return c
+
+
+def test_evaluation_scenes_are_distinct_held_out_and_fixed():
+    from chameleon_jax.data import shapes
+
+    scenes = shapes.evaluation_scenes("test", two_object=40, seed=0)
+    assert len(set(scenes)) == len(scenes) and all(shapes.split_of(sc) == "test" for sc in scenes)
+    singles = [sc for sc in scenes if len(sc.objects) == 1]
+    # Every single-object scene of the split, whatever the sample size: 324 scenes enumerated.
+    assert singles == [sc for sc in shapes.all_scenes(1) if shapes.split_of(sc) == "test"] and len(singles) > 10
+    assert len(scenes) - len(singles) == 40
+    assert shapes.evaluation_scenes("test", 40, seed=0) == scenes != shapes.evaluation_scenes("test", 40, seed=1)
+
+
+def test_questions_are_answered_by_the_scene():
+    from chameleon_jax.data import shapes
+
+    rng = np.random.default_rng(0)
+    scene = shapes.parse_caption("a large red triangle at the top left and a small blue triangle at the center.")
+    qs = {kind: (q, a) for kind, q, a in shapes.questions(scene, rng)}
+    assert qs["count"] == ("how many shapes are there?", "two")
+    assert "color_of" not in qs  # "the triangle" would name two objects
+    assert qs["size_of"] in {("what size is the red triangle?", "large"), ("what size is the blue triangle?", "small")}
+    cell = next(c for c in shapes.CELLS[::-1] if qs["shape_at"][0] == f"what shape is at the {c}?")
+    assert qs["shape_at"][1] == {"top left": "triangle", "center": "triangle"}.get(cell, "nothing")
 
 
 def _comparable(results: dict) -> dict:
@@ -36,8 +62,13 @@ def test_every_stage_runs_and_the_report_is_written(first_run):
         assert (workdir / name).stat().st_size > 0, name
     assert results["train_steps"] == 4
     assert set(results["stage_s"]) == {"data", "tokenizer", "vqgan", "pretokenize", "train", "evaluate", "report"}
+    assert results["eval_scenes"] == {"total": 4, "single_object": 2, "two_object": 2}
     for task in ("captioning", "text_to_image"):
         assert 0.0 <= results[task]["exact"] <= 1.0 and set(results[task]["attributes"]) >= {"cell", "shape"}
+        lo, hi = results[task]["interval"]
+        assert 0.0 <= lo <= results[task]["exact"] <= hi <= 1.0 and hi - lo > 0.2  # 4 scenes: a wide interval
+    assert results["captioning"]["cider"] >= 0.0
+    assert results["vqa"]["questions"] >= 4 * 2 and 0.0 <= results["vqa"]["accuracy"] <= 1.0  # >= 2 per scene
     assert results["perplexity"]["text/perplexity"] > 1.0
     assert json.loads((workdir / "results.json").read_text())["captioning"] == results["captioning"]
 
@@ -55,8 +86,9 @@ def test_changed_data_settings_rebuild_the_data_and_the_tokenizer(tmp_path):
     stages.build_data(s, data)
     tok = stages.train_tokenizer(s, data, tmp_path / "tokenizer")
     lines = (data / "train.jsonl").read_text().splitlines()
-    assert len(lines) == s.train_pairs + s.train_texts + s.train_images
+    assert len(lines) == s.train_pairs + s.train_texts + s.train_images + s.train_questions
     assert sum('"segments"' in line for line in lines) == s.train_images  # caption-less images
+    assert sum('"turns"' in line for line in lines) == s.train_questions  # question -> answer turns
     made = (tmp_path / "tokenizer" / "spm.model").stat().st_mtime_ns
 
     stages.train_tokenizer(s, data, tmp_path / "tokenizer")  # same settings: reused
@@ -76,7 +108,7 @@ def test_generate_answers_from_the_smoke_run(first_run, tmp_path):
     from chameleon_jax.vqgan import checkpoint as vq_checkpoint
 
     workdir, _ = first_run
-    scene = workdir / "data" / "images" / "eval_000000.png"
+    scene = workdir / "eval" / "eval_000000.png"
     out = tmp_path / "answer"
     lines = generate.answer(str(workdir / "train"), "<image> the same scene", str(out), images=[str(scene)],
                             mode="image")

@@ -19,6 +19,8 @@ Public API:
     split_of(scene) -> str               "train" | "val" | "test", by a hash of the caption
     iter_split(split, seed, n, unique)   the first n scenes of `split` in index order (unique: no repeats)
     score(pred, truth) -> dict           exact match and tuple-set precision/recall for evaluation
+    evaluation_scenes(split, two_object, seed)   distinct scenes: every single-object one + a seeded sample
+    questions(scene, rng) -> [(kind, question, answer)]   VQA questions from the grammar, one-word answers
 
 Drawing is at 4× supersampling, downsampled with a box filter: Lanczos rings, and the ringing breaks
 the analyzer (B4.1).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import re
 from typing import Iterator, NamedTuple, Sequence
@@ -248,6 +251,77 @@ def iter_split(split: str, seed: int = 0, n: int | None = None, unique: bool = F
                 seen.add(scene)
             count += 1
             yield scene
+
+
+def all_scenes(n_objects: int) -> Iterator[Scene]:
+    """Every distinct scene with `n_objects` objects, in a fixed order (cells, then attributes)."""
+    attrs = [(shape, color, size) for shape in SHAPES for color in COLOR_NAMES for size in SIZE_NAMES]
+
+    def fill(cells):
+        if not cells:
+            yield ()
+            return
+        for a in attrs:
+            for rest in fill(cells[1:]):
+                yield (Obj(cells[0], *a), *rest)
+
+    for cells in itertools.combinations(range(len(CELLS)), n_objects):
+        for objs in fill(cells):
+            yield Scene(objs)
+
+
+def evaluation_scenes(split: str = "test", two_object: int = 183, seed: int = 0,
+                      single_object: int | None = None) -> list[Scene]:
+    """Distinct scenes of `split` to evaluate on: every single-object scene of the split (the first
+    `single_object` of them if given), then `two_object` distinct two-object scenes drawn without
+    replacement with `seed`.
+
+    Not i.i.d. draws: the test split holds only 16 single-object scenes, which i.i.d. draws repeat (half
+    of all draws are single-object), so one systematically missed scene moved a 100-draw score by up to
+    7 points. Each scene here counts once. The set depends on `seed` only, not on a training data seed,
+    so runs with different data draws are scored on the same scenes.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; pick one of {tuple(SPLITS)}")
+    singles = [sc for sc in all_scenes(1) if split_of(sc) == split][:single_object]
+    pairs = [sc for sc in all_scenes(2) if split_of(sc) == split]
+    if two_object > len(pairs):
+        raise ValueError(f"two_object={two_object}: split {split!r} holds only {len(pairs)} two-object scenes")
+    pick = np.random.default_rng([seed, 2]).choice(len(pairs), size=two_object, replace=False)
+    return singles + [pairs[i] for i in sorted(pick)]
+
+
+# -------------------------------------------------------------------------------------------- questions
+
+QUESTION_KINDS = ("count", "shape_at", "color_of", "size_of")
+_COUNT_WORDS = ("zero", "one", "two")
+
+
+def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(kind, question, one-word answer) about `scene`, one per kind the scene allows, from the grammar:
+
+        count     "how many shapes are there?"                 -> "one" | "two"
+        shape_at  "what shape is at the top left?"            -> a shape, or "nothing" for an empty cell
+        color_of  "what color is the triangle?"               -> a colour (only a shape the scene holds once)
+        size_of   "what size is the red triangle?"            -> "small" | "large" (colour+shape unique)
+
+    `rng` picks the cell (occupied or empty, evenly) and which object a question names.
+    """
+    out = [("count", "how many shapes are there?", _COUNT_WORDS[len(scene.objects)])]
+    by_cell = {o.cell: o for o in scene.objects}
+    empty = [c for c in range(len(CELLS)) if c not in by_cell]
+    cell = int(rng.choice(sorted(by_cell) if rng.random() < 0.5 or not empty else empty))
+    out.append(("shape_at", f"what shape is at the {CELLS[cell]}?",
+                by_cell[cell].shape if cell in by_cell else "nothing"))
+    unique_shape = [o for o in scene.objects if sum(p.shape == o.shape for p in scene.objects) == 1]
+    if unique_shape:
+        o = unique_shape[int(rng.integers(len(unique_shape)))]
+        out.append(("color_of", f"what color is the {o.shape}?", o.color))
+    unique = [o for o in scene.objects if sum((p.shape, p.color) == (o.shape, o.color) for p in scene.objects) == 1]
+    if unique:
+        o = unique[int(rng.integers(len(unique)))]
+        out.append(("size_of", f"what size is the {o.color} {o.shape}?", o.size))
+    return out
 
 
 def render_batch(scenes: Sequence[Scene], size: int = 64) -> np.ndarray:

@@ -43,6 +43,7 @@ def run(config, workdir, vqgan_workdir=None) -> dict:
 
     data = workdir / "data"
     stages.build_data(s, data)
+    stages.build_eval(s, workdir / "eval")
     stage("data")
     tok_path = stages.train_tokenizer(s, data, workdir / "tokenizer")
     stage("tokenizer")
@@ -61,14 +62,17 @@ def run(config, workdir, vqgan_workdir=None) -> dict:
     model_cfg = model_lib.ModelConfig.from_config(config.model)
     graphdef, _ = model_lib.abstract(model_cfg)
     params = jax.device_get(result.state["params"])
-    gen = evaluate.evaluate_generation(s, graphdef, model_cfg, params, tokenizer, vq_cfg, vq_params, data)
+    gen = evaluate.evaluate_generation(s, graphdef, model_cfg, params, tokenizer, vq_cfg, vq_params,
+                                       workdir / "eval")
     metrics = metrics_lib.read_metrics(workdir / "train")
     ppl = evaluate.heldout_perplexity(config, graphdef, model_cfg, result.state["params"])
     stage("evaluate")
 
     results = {
-        "seed": s.seed, "eval_scenes": s.eval_scenes,
-        "captioning": gen["captioning"], "text_to_image": gen["text_to_image"], "perplexity": ppl,
+        "seed": s.seed, "eval_scenes": gen["scenes"], "eval_seed": s.eval_seed,
+        "train_questions": s.get("train_questions", 0),
+        "captioning": gen["captioning"], "text_to_image": gen["text_to_image"], **({"vqa": gen["vqa"]} if "vqa" in gen else {}),
+        "perplexity": ppl,
         "model": f"d={model_cfg.d_model}, {model_cfg.n_layers} layers, vocab {model_cfg.vocab_size}, "
                  f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params",
         "train_steps": int(result.step), "tokens_per_step": config.train.batch_size * config.train.seq_len,
@@ -84,9 +88,14 @@ def run(config, workdir, vqgan_workdir=None) -> dict:
 
 
 def summary(results: dict, workdir) -> str:
-    """The two lines a run prints: the headline scores, and where the report is."""
+    """The lines a run prints: the headline scores with their 95% intervals, and where the report is."""
     cap, t2i, ppl = results["captioning"], results["text_to_image"], results["perplexity"]
-    return (f"captioning exact {100 * cap['exact']:.1f}%  text-to-image exact {100 * t2i['exact']:.1f}%  "
-            f"perplexity text {ppl.get('text/perplexity', float('nan')):.3f} image "
+    ci = lambda d: f"{100 * d['exact']:.1f}% [{100 * d['interval'][0]:.1f}, {100 * d['interval'][1]:.1f}]"
+    vqa = results.get("vqa")
+    return (f"{results['eval_scenes']['total']} distinct held-out scenes: captioning exact {ci(cap)}  "
+            f"text-to-image exact {ci(t2i)}  (95% Wilson intervals)\n"
+            f"CIDEr {cap.get('cider', float('nan')):.3f}  "
+            + (f"VQA exact {100 * vqa['accuracy']:.1f}% of {vqa['questions']} questions  " if vqa else "")
+            + f"perplexity text {ppl.get('text/perplexity', float('nan')):.3f} image "
             f"{ppl.get('image/perplexity', float('nan')):.3f}  wall {results['wall_s'] / 60:.1f} min\n"
             f"report: {Path(workdir) / 'report.md'}")

@@ -1,6 +1,8 @@
 """The smoke experiment's stages before evaluation; each caches its output under the workdir.
 
-    data        shapes scenes -> PNGs + JSONL: image–caption pairs, text-only documents, held-out pairs
+    data        shapes scenes -> PNGs + JSONL: image–caption pairs, question–answer turns, text-only
+                documents, held-out pairs
+    eval        the distinct held-out evaluation scenes and their questions
     tokenizer   sentencepiece BPE on the captions
     vqgan       the VQ-GAN of `smoke.vqgan_config`: trained in its run directory, or loaded if finished
     pretokenize `chameleon_jax.pretokenize.run` -> token shards (train and held-out)
@@ -16,6 +18,8 @@ import json
 import logging
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +64,12 @@ def _mark(path: Path, info: dict | None = None):
 # ------------------------------------------------------------------------------------------------ data
 
 def build_data(s, root: Path) -> dict:
-    """Train/held-out JSONL documents and PNGs; the evaluation scenes. Splits never share a scene."""
+    """Train/held-out JSONL documents and PNGs. Splits never share a scene."""
     from chameleon_jax.data import shapes
 
     root.mkdir(parents=True, exist_ok=True)
-    meta = {"train_pairs": s.train_pairs, "train_texts": s.train_texts,
-            "train_images": s.get("train_images", 0), "heldout_pairs": s.heldout_pairs, "eval_scenes": s.eval_scenes}
+    meta = {"train_pairs": s.train_pairs, "train_texts": s.train_texts, "train_images": s.get("train_images", 0),
+            "train_questions": s.get("train_questions", 0), "heldout_pairs": s.heldout_pairs}
     if _done(root):
         if _settings(root) == meta:
             return meta
@@ -73,12 +77,21 @@ def build_data(s, root: Path) -> dict:
         (root / "DONE").unlink()
     (root / "images").mkdir(exist_ok=True)
     train = shapes.iter_split("train", s.seed)
+    asked = np.random.default_rng([s.seed, 7])
     with open(root / "train.jsonl", "w") as f:
         for i in range(s.train_pairs):
             scene = next(train)
             name = f"images/train_{i:06d}.png"
             shapes.render(scene, s.image_size).save(root / name)
             f.write(json.dumps({"id": f"pair{i}", "image": name, "caption": shapes.caption(scene)}) + "\n")
+            # Question -> one-word answer about the first train_questions pair scenes (their images are
+            # reused); as an SFT turn the loss is on the answer only, like a pair's target.
+            if i < s.get("train_questions", 0):
+                qs = shapes.questions(scene, asked)
+                _, question, answer = qs[int(asked.integers(len(qs)))]
+                f.write(json.dumps({"id": f"question{i}", "turns": [
+                    {"role": "user", "content": [{"image": name}, {"text": question}]},
+                    {"role": "assistant", "content": answer}]}) + "\n")
         for i in range(s.train_texts):
             f.write(json.dumps({"id": f"text{i}", "text": shapes.caption(next(train))}) + "\n")
         # Images without a caption teach the unconditional stream that classifier-free guidance
@@ -87,7 +100,7 @@ def build_data(s, root: Path) -> dict:
             name = f"images/train_uncond_{i:06d}.png"
             shapes.render(next(train), s.image_size).save(root / name)
             f.write(json.dumps({"id": f"image{i}", "segments": [{"image": name}]}) + "\n")
-    # Held-out scenes come from the test split: perplexity pairs, then the generation scenes.
+    # Held-out pairs (perplexity per modality) come from the test split.
     test = shapes.iter_split("test", s.seed)
     with open(root / "heldout.jsonl", "w") as f:
         for i in range(s.heldout_pairs):
@@ -95,15 +108,32 @@ def build_data(s, root: Path) -> dict:
             name = f"images/heldout_{i:06d}.png"
             shapes.render(scene, s.image_size).save(root / name)
             f.write(json.dumps({"id": f"heldout{i}", "image": name, "caption": shapes.caption(scene)}) + "\n")
-    scenes = []
-    for i in range(s.eval_scenes):
-        scene = next(test)
-        name = f"images/eval_{i:06d}.png"
-        shapes.render(scene, s.image_size).save(root / name)
-        scenes.append({"image": name, "caption": shapes.caption(scene)})
-    (root / "eval_scenes.json").write_text(json.dumps(scenes, indent=1))
     _mark(root, meta)
     return meta
+
+
+def build_eval(s, root: Path) -> list[dict]:
+    """The evaluation scenes (distinct, test split: `shapes.evaluation_scenes`) and their questions, in
+    root/scenes.json with their PNGs. Its own stage: changing the evaluation set retrains nothing."""
+    from chameleon_jax.data import shapes
+
+    meta = {"two_object": s.eval_two_object_scenes, "single_object": s.get("eval_single_object_scenes", -1),
+            "seed": s.eval_seed, "image_size": s.image_size}
+    if _done(root) and _settings(root) == meta:
+        return json.loads((root / "scenes.json").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    single = None if meta["single_object"] < 0 else meta["single_object"]
+    asked = np.random.default_rng([s.eval_seed, 11])
+    scenes = []
+    for i, scene in enumerate(shapes.evaluation_scenes("test", s.eval_two_object_scenes, s.eval_seed, single)):
+        name = f"eval_{i:06d}.png"
+        shapes.render(scene, s.image_size).save(root / name)
+        scenes.append({"image": name, "caption": shapes.caption(scene), "objects": len(scene.objects),
+                       "questions": [{"kind": k, "question": q, "answer": a}
+                                     for k, q, a in shapes.questions(scene, asked)]})
+    (root / "scenes.json").write_text(json.dumps(scenes, indent=1))
+    _mark(root, meta)
+    return scenes
 
 
 # ------------------------------------------------------------------------------------ tokenizer, vqgan
