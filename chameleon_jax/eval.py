@@ -3,10 +3,13 @@
     python -m chameleon_jax.eval --workdir DIR                 # latest checkpoint of a training run
     python -m chameleon_jax.eval --checkpoint DIR/checkpoints/500 --mesh=1,1,1
     python -m chameleon_jax.eval --workdir DIR --export /tmp/params   # params-only export (also restorable)
+    python -m chameleon_jax.eval --checkpoint DIR --eval_set caps.jsonl --task caption --output r.json  # CIDEr
 
 The config stored with the checkpoint is used unless --config is given (then its overrides apply, e.g.
 --config.eval.steps=50). `--split train` evaluates on the training source instead of config.eval.data.
-The library is `chameleon_jax.evals.checkpoint`.
+The library is `chameleon_jax.evals.checkpoint`. With --eval_set, a captioning or VQA eval set (JSONL plus
+images) is answered greedily and scored instead: CIDEr or VQA accuracy with 95% intervals, per-item
+predictions beside --output (library: `chameleon_jax.generate.benchmark`; docs/evaluation.md).
 """
 import json
 import logging
@@ -29,6 +32,14 @@ def main(argv):
     from chameleon_jax import checkpoint as ckpt
 
     path = F.workdir or F.checkpoint
+    if F.eval_set:  # captioning / VQA on an eval set: generated answers, not perplexity
+        from chameleon_jax.generate import benchmark
+
+        results = benchmark.evaluate_eval_set(
+            path, F.eval_set, F.task, mesh=F.mesh.split(","), prompt=F.prompt, max_new_tokens=F.max_new_tokens,
+            batch_size=F.batch_size, output=F.output, tokenizer=F.tokenizer, vqgan=F.vqgan)
+        print(json.dumps(results, indent=2))
+        return
     config = F.config if F.config is not None else ckpt.read_config(path)
     mesh_sizes = tuple(int(x) for x in F.mesh.split(","))
     results, params = evaluate_checkpoint(path, config, mesh_sizes, F.split)
@@ -52,4 +63,13 @@ if __name__ == "__main__":
     flags.DEFINE_enum("split", "eval", ["eval", "train"], "Held-out data (config.eval.data) or the training source.")
     flags.DEFINE_string("export", None, "Write a params-only export here (OUT/state, OUT/config.json).")
     flags.DEFINE_string("output", None, "Also write the results as JSON here.")
+    flags.DEFINE_string("eval_set", None, "A captioning or VQA eval set (JSONL + images; docs/evaluation.md): "
+                        "generate answers and score them instead of perplexity.")
+    flags.DEFINE_enum("task", "caption", ["caption", "vqa"], "With --eval_set: CIDEr on captions, or VQA accuracy.")
+    flags.DEFINE_string("prompt", None, "With --eval_set: the prompt template, <image> where the image goes and "
+                        "{question} for VQA (default: '<image>' / '<image>{question}').")
+    flags.DEFINE_integer("max_new_tokens", 0, "With --eval_set: greedy answer budget (0: 32 caption, 10 VQA).")
+    flags.DEFINE_integer("batch_size", 16, "With --eval_set: items decoded together (padded to data x fsdp).")
+    flags.DEFINE_string("tokenizer", None, "With --eval_set: the tokenizer, if the checkpoint does not name one.")
+    flags.DEFINE_string("vqgan", None, "With --eval_set: the VQ-GAN, if the checkpoint does not name one.")
     app.run(main)
