@@ -69,7 +69,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("prompt", None, "With --eval_set: the prompt template, <image> where the image goes and "
                         "{question} for VQA (default: '<image>' / '<image>{question}').")
     flags.DEFINE_integer("max_new_tokens", 0, "With --eval_set: greedy answer budget (0: 32 caption, 10 VQA).")
-    flags.DEFINE_integer("batch_size", 16, "With --eval_set: items decoded together (padded to data x fsdp).")
-    flags.DEFINE_string("tokenizer", None, "With --eval_set: the tokenizer, if the checkpoint does not name one.")
-    flags.DEFINE_string("vqgan", None, "With --eval_set: the VQ-GAN, if the checkpoint does not name one.")
+    flags.DEFINE_integer("batch_size", 16, "Items decoded together (padded to a multiple of data x fsdp).")
+    flags.DEFINE_string("tokenizer", None, "The tokenizer, if the checkpoint does not name one (generation evals).")
+    flags.DEFINE_string("vqgan", None, "The VQ-GAN, if the checkpoint does not name one (generation evals).")
     app.run(main)
