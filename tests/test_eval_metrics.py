@@ -5,6 +5,7 @@ normalisation against a table; the intervals against their formulas. End to end,
 eval set with the tiny checkpoint of tests/test_generate_program.py: its predictions must be what
 generate_batch gives for the same prompts, and its scores the metrics applied to them.
 """
+import importlib.util
 import json
 import math
 import os
@@ -18,10 +19,16 @@ from PIL import Image
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
+from chameleon_jax import checkpoint as ckpt
+from chameleon_jax import config as config_lib
+from chameleon_jax import model as model_lib
+from chameleon_jax import text as text_lib
+from chameleon_jax.convert import release
 from chameleon_jax.evals import metrics, stats
 from chameleon_jax.generate import benchmark
 from chameleon_jax.generate.answer import Decoding, Request, generate_batch, load, prompt_ids
-from test_generate_program import FAST_COMPILE, REPO, make_export
+from chameleon_jax.vqgan import checkpoint as vq_checkpoint
+from test_generate_program import FAST_COMPILE, REPO, VQ, WORDS
 
 CAPTIONS = ["A red circle, left of a blue square.", "two green lines crossing", "The small yellow star!"]
 REFERENCES = [["a red circle left of a blue square", "A red disc beside a square."],
@@ -137,10 +144,30 @@ def test_bootstrap_interval_is_deterministic_and_has_the_normal_width():
 
 # ------------------------------------------------------------------------------------------- end to end
 
+def _export(root):
+    """A params export of experiments/tiny.py with its VQ-GAN bundled and its tokenizer named, as
+    test_generate_program's, but with weights drawn at std 0.3: at the usual 0.02 a random model's greedy
+    answer is one id repeated whatever the prompt, so a wrong prompt would go unseen."""
+    lines = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    sp = text_lib.train_sentencepiece(lines, str(root / "tok" / "sp"), vocab_size=320, num_threads=1)
+    vocab_size = text_lib.load(sp, image_codes=VQ.n_embed).vocab.size
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "experiments", "tiny.py"))
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config()
+    config.model.update(vocab_size=-(-vocab_size // 8) * 8, init_std=0.3)
+    config.generate = {"tokenizer": sp}
+    params = model_lib.init_params(config_lib.validate(config), jax.random.PRNGKey(3))
+    out = root / "export"
+    ckpt.export_params(params, str(out), config)
+    release.save_vqgan(out, VQ, vq_checkpoint.random_params(VQ, seed=1))
+    return out
+
+
 @pytest.fixture(scope="module")
 def eval_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalset")
-    export = make_export(root)
+    export = _export(root)
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(root / f"im{i}.png")
@@ -152,19 +179,24 @@ def loaded(eval_root):
     return load(str(eval_root[1]), mesh=(1, 1, 1), devices=jax.devices()[:1])
 
 
-def _generated(loaded, prompts, images, max_new_tokens, compiler_options=None):
-    """What generate_batch answers for these prompts, decoded as one batch: the text of each answer."""
+def _generated(loaded, prompts, images, max_new_tokens, compiler_options=None, user_turn=False):
+    """What generate_batch answers for these prompts, decoded as one batch: each answer's text and ids.
+    `user_turn`: the prompt ends with <end-turn> and decoding stops at the next (an SFT model's answer).
+    The ids are compared, not only the text: a random model's byte pieces mostly decode to U+FFFD."""
     requests = [Request(p, (str(im),), "text", label=i) for i, (p, im) in enumerate(zip(prompts, images))]
-    answers, _ = generate_batch(loaded, requests, [prompt_ids(loaded, r) for r in requests],
-                                Decoding(max_new_tokens=max_new_tokens), compiler_options=compiler_options)
-    return ["".join(s for s in a if isinstance(s, str)) for a in answers]
+    ids = [prompt_ids(loaded, r) + ([loaded.vocab.end_turn] if user_turn else []) for r in requests]
+    answers, result = generate_batch(loaded, requests, ids, Decoding(max_new_tokens=max_new_tokens,
+                                                                      stop_at_end_of_turn=user_turn),
+                                     compiler_options=compiler_options)
+    return ["".join(s for s in a if isinstance(s, str)) for a in answers], [result.row(i).tolist()
+                                                                            for i in range(len(requests))]
 
 
 def test_the_program_scores_what_generate_answers_and_counts_bad_lines(eval_root, loaded):
     root, export = eval_root
     images = [root / f"im{i}.png" for i in range(3)]
     # Compiled as the program compiles (default XLA options), so rounding cannot flip a greedy pick.
-    outputs = _generated(loaded, ["<image>"] * 3, images, 6)
+    outputs, tokens = _generated(loaded, ["<image>"] * 3, images, 6)
     preds = [benchmark.prediction_of(o) for o in outputs]
     # The first item's references hold the model's own caption, so CIDEr is not zero by construction.
     refs = [[preds[0], "a red circle"], ["a blue square", "two lines"], ["a yellow star", "grey hill"]]
@@ -189,24 +221,30 @@ def test_the_program_scores_what_generate_answers_and_counts_bad_lines(eval_root
     assert "not JSON" in results["skipped"][0][1] and "image not found" in results["skipped"][2][1]
     records = [json.loads(x) for x in (root / "results.predictions.jsonl").read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 3, 6]
-    assert [r["output"] for r in records] == outputs
+    assert [r["tokens"] for r in records] == tokens and [r["output"] for r in records] == outputs
+    assert len({tuple(t) for t in tokens}) > 1  # the images lead to different answers
     want, want_items = metrics.cider(preds, refs)
     assert want > 0 and results["cider"]["value"] == want
     assert [r["cider"] for r in records] == want_items.tolist()
     assert results["cider"]["ci"] == list(stats.bootstrap_interval(want_items))
 
 
-def test_vqa_items_get_the_question_in_their_prompt(eval_root, loaded):
+def test_vqa_items_get_the_question_in_their_prompt_as_a_user_turn(eval_root, loaded):
     root, _ = eval_root
     questions = ["what is it?", "which colour?"]
     images = [root / "im0.png", root / "im1.png"]
-    preds = [benchmark.prediction_of(o) for o in _generated(loaded, [f"<image>Q: {q}" for q in questions],
-                                                            images, 4, FAST_COMPILE)]
+    outputs, tokens = _generated(loaded, [f"<image>Q: {q}" for q in questions], images, 4, FAST_COMPILE,
+                                 user_turn=True)
+    preds = [benchmark.prediction_of(o) for o in outputs]
     answers = [[preds[0], "red"], ["certainly not " + preds[1]]]  # the first is right, the second wrong
     items = [benchmark.Item(i + 1, str(im), tuple(a), q) for i, (im, a, q) in enumerate(zip(images, answers,
                                                                                           questions))]
-    results = benchmark.evaluate(loaded, items, "vqa", prompt="<image>Q: {question}", batch_size=2,
-                                 decoding=Decoding(max_new_tokens=4), compiler_options=FAST_COMPILE)
+    results = benchmark.evaluate(loaded, items, "vqa", prompt="<image>Q: {question}", batch_size=2, chat=True,
+                                 decoding=Decoding(max_new_tokens=4), compiler_options=FAST_COMPILE,
+                                 predictions_path=str(root / "vqa.predictions.jsonl"))
+    records = [json.loads(x) for x in (root / "vqa.predictions.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == tokens and [r["output"] for r in records] == outputs
+    assert [r["prompt"] for r in records] == ["<image>Q: what is it?", "<image>Q: which colour?"]
     assert results["vqa_accuracy"]["value"] == 0.5 and results["vqa_accuracy"]["correct"] == 1
     assert results["vqa_accuracy"]["ci"] == list(stats.wilson_interval(1, 2))
     assert "vqa_score" not in results  # fewer than 3 human answers per item

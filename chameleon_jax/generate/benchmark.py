@@ -13,6 +13,8 @@ Each item's prompt is a template with `<image>` where the image goes and, for VQ
 (defaults in PROMPTS). Answers are greedy text (generate/answer.py `generate_batch`, the decoder
 `python -m chameleon_jax.generate` uses), in batches on the loaded mesh. The scored prediction is the
 output's first line, stripped: a model that goes on after its answer is scored on the answer.
+With `chat`, the prompt is a user turn, as SFT records (`turns`) train it: <end-turn> follows the prompt and
+decoding stops at the answer's own <end-turn>.
 Scores (evals/metrics.py) come with 95% intervals (evals/stats.py): a percentile bootstrap over items
 for CIDEr and the VQA consensus score, Wilson for exact-match VQA accuracy (a rate of 0/1 items).
 """
@@ -121,11 +123,11 @@ def score(task: str, predictions: Sequence[str], references: Sequence[Sequence[s
 
 def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | None = None,
              decoding: Decoding | None = None, batch_size: int = 16, skipped: Sequence[tuple[int, str]] = (),
-             predictions_path: str | None = None, compiler_options: dict | None = None) -> dict:
+             predictions_path: str | None = None, chat: bool = False, compiler_options: dict | None = None) -> dict:
     """Answers every item greedily in batches of `batch_size` on `loaded`'s mesh and scores them.
 
     Returns the scores (with intervals), the items scored and every skipped line; writes one JSON line per
-    item (its prompt, output, prediction, references and scores) to `predictions_path` when given.
+    item (its prompt, generated ids, output text, prediction, references and scores) to `predictions_path` when given.
     Items whose prompt cannot be built (an image that does not decode) join the skipped lines."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}; choose one of {TASKS}")
@@ -139,12 +141,15 @@ def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     decoding = decoding or Decoding(max_new_tokens=MAX_NEW_TOKENS[task])
+    if chat:
+        decoding = dataclasses.replace(decoding, stop_at_end_of_turn=True)
     skipped = list(skipped)
     built = []
     for item in items:
         request = Request(item_prompt(template, item), (item.image,), "text", label=item.line)
         try:
-            built.append((item, request, prompt_ids(loaded, request)))
+            ids = prompt_ids(loaded, request)
+            built.append((item, request, ids + [loaded.vocab.end_turn] if chat else ids))
         except Exception as e:  # noqa: BLE001 - an undecodable image is skipped with its reason, the run goes on
             skipped.append((item.line, f"{type(e).__name__}: {e}"))
     skipped.sort()
@@ -152,15 +157,16 @@ def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | 
         first = f" (first: line {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise ValueError(f"no item could be scored: {len(skipped)} line(s) skipped{first}; see the eval set "
                          "format in chameleon_jax/generate/benchmark.py")
-    outputs = []
+    outputs, tokens = [], []
     for start in range(0, len(built), batch_size):
         chunk = built[start:start + batch_size]
-        answers, _ = generate_batch(loaded, [r for _, r, _ in chunk], [ids for _, _, ids in chunk], decoding,
-                                    compiler_options=compiler_options)
+        answers, result = generate_batch(loaded, [r for _, r, _ in chunk], [ids for _, _, ids in chunk], decoding,
+                                         compiler_options=compiler_options)
         outputs += ["".join(s for s in segments if isinstance(s, str)) for segments in answers]
+        tokens += [result.row(i).tolist() for i in range(len(chunk))]
     preds = [prediction_of(o) for o in outputs]
     scores, per_item = score(task, preds, [item.references for item, _, _ in built])
-    results = {"task": task, "checkpoint": str(loaded.step_dir), "prompt": template,
+    results = {"task": task, "checkpoint": str(loaded.step_dir), "prompt": template, "chat": chat,
                "max_new_tokens": decoding.max_new_tokens, **scores, "items": len(built),
                "skipped": [list(s) for s in skipped]}
     if predictions_path:
@@ -169,7 +175,7 @@ def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | 
         for k, ((item, request, _), output) in enumerate(zip(built, outputs)):
             record = {"line": item.line, "image": item.image, **({"question": item.question} if item.question
                                                                  is not None else {}),
-                      "prompt": request.prompt, "output": output, "prediction": preds[k],
+                      "prompt": request.prompt, "tokens": tokens[k], "output": output, "prediction": preds[k],
                       field: list(item.references),
                       **{name: float(v[k]) for name, v in per_item.items() if v[k] == v[k]}}
             lines.append(json.dumps(record))
@@ -179,7 +185,7 @@ def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | 
 
 
 def evaluate_eval_set(checkpoint: str, eval_set: str, task: str, *, mesh=(-1, 1, 1), prompt: str | None = None,
-                      max_new_tokens: int = 0, batch_size: int = 16, output: str | None = None,
+                      max_new_tokens: int = 0, batch_size: int = 16, output: str | None = None, chat: bool = False,
                       tokenizer: str | None = None, vqgan: str | None = None, compiler_options=None) -> dict:
     """What `python -m chameleon_jax.eval --eval_set FILE --task caption|vqa` runs: reads the eval set, loads
     the checkpoint (a workdir, step folder or export) onto a (data, fsdp, tensor) mesh (-1 fills the
@@ -199,7 +205,7 @@ def evaluate_eval_set(checkpoint: str, eval_set: str, task: str, *, mesh=(-1, 1,
         predictions = (out[:-len(".json")] if out.endswith(".json") else out) + ".predictions.jsonl"
     results = evaluate(loaded, items, task, prompt=prompt, batch_size=batch_size, skipped=skipped,
                        decoding=Decoding(max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task]),
-                       predictions_path=predictions, compiler_options=compiler_options)
+                       predictions_path=predictions, chat=chat, compiler_options=compiler_options)
     results = {"eval_set": str(eval_set), **results}
     if output:
         epath.Path(output).write_text(json.dumps(results, indent=2))
