@@ -91,6 +91,10 @@ def test_the_page_escapes_model_output_and_names_no_checkpoint():
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;i&gt;x&lt;/i&gt;" in html and "&amp;amp;" in html
     assert 'src="/image/4/left/a%22b.png"' in html and 'width="16"' in html
+    # Input images sit where the prompt's <image> placeholders are.
+    html = page.render_pair({"id": 5, "prompt": "a <image> b", "inputs": ["5_1.png"]}, [], [], judged=0, total=1,
+                            token="tok")
+    assert 'a <img class="input" src="/input/5/0" alt="input image 1"> b</div>' in html
 
 
 def test_a_restart_after_a_cut_line_appends_on_a_new_line(tmp_path):

@@ -86,6 +86,9 @@ def main(argv):
     F = flags.FLAGS
     prepared = (epath.Path(F.out) / responses.PAIRING).exists()
     if F.report_only:
+        if not prepared:
+            raise app.UsageError(f"--report_only: {F.out} holds no judging (no {responses.PAIRING}); give the --out "
+                                 "of an earlier run")
         session = server.Session(F.out)
         print(server.write_rates(session))
         session.close()

@@ -19,6 +19,7 @@ _STYLE = """body { font-family: sans-serif; margin: 16px; background: #fff; colo
 .response { border: 1px solid #ccc; padding: 8px; min-width: 0; }
 .text { white-space: pre-wrap; overflow-wrap: anywhere; }
 img { image-rendering: pixelated; display: block; margin: 6px 0; max-width: 100%; height: auto; }
+img.input { width: 256px; }
 form { display: flex; gap: 12px; justify-content: center; }
 button { font-size: 18px; padding: 8px 20px; }
 button.chosen { outline: 3px solid #2a7; }
@@ -71,6 +72,19 @@ def _response(prompt_id, side: str, parts: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
+def _prompt_body(pid, text: str, n_images: int) -> str:
+    """The prompt's text with its input images where its `<image>` placeholders are (or leading, as
+    generate.build_prompt places images when there is no placeholder)."""
+    images = [f'<img class="input" src="{_url("input", pid, k)}" alt="input image {k + 1}">' for k in range(n_images)]
+    pieces = text.split("<image>")
+    if len(pieces) - 1 != n_images:
+        return "".join(images) + html.escape(text)
+    body = [html.escape(pieces[0])]
+    for image, piece in zip(images, pieces[1:]):
+        body += [image, html.escape(piece)]
+    return "".join(body)
+
+
 def render_pair(prompt: Mapping, left: Sequence[dict], right: Sequence[dict], *, judged: int, total: int,
                 token: str, earlier: str | None = None, previous_id=None, next_id=None) -> str:
     """The page for one prompt: {"id", "prompt", "inputs"} and its left and right answers' parts
@@ -79,10 +93,7 @@ def render_pair(prompt: Mapping, left: Sequence[dict], right: Sequence[dict], *,
     out = _head(f"Prompt {pid}")
     out.append(f'<h1 data-prompt="{html.escape(str(pid), quote=True)}">Prompt {html.escape(str(pid))}</h1>')
     out.append(f'<p id="progress">{judged} of {total} judged</p>')
-    out.append(f'<div class="prompt">{html.escape(prompt["prompt"])}')
-    out += [f"<img src=\"{_url('input', pid, k)}\" alt=\"input image {k + 1}\">"
-            for k in range(len(prompt.get("inputs", ())))]
-    out.append("</div>")
+    out.append(f'<div class="prompt">{_prompt_body(pid, prompt["prompt"], len(prompt.get("inputs", ())))}</div>')
     out.append('<div class="pair">')
     out.append(_response(pid, "left", left))
     out.append(_response(pid, "right", right))
