@@ -8,6 +8,8 @@
     answer.py    a checkpoint onto a mesh (load), prompts -> ids -> one batch decoded (generate_batch),
                  one prompt to a folder (answer)
     batch.py     a JSONL file of prompts -> answers in folders + OUT/index.html (bad lines counted, skipped)
+    benchmark.py captioning / VQA eval sets (JSONL + images) -> greedy answers -> CIDEr / VQA accuracy with
+                 intervals (`python -m chameleon_jax.eval --eval_set`)
     streaming.py TextStream: the text printed as the loop produces it (Generator's on_step)
     page.py      the HTML page: each prompt, then its text and images in order
     __main__.py  python -m chameleon_jax.generate
