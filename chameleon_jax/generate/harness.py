@@ -338,16 +338,34 @@ def _file_list(files) -> list[str]:
 
 
 def run_tasks(lm: ChameleonLM, tasks: Sequence[str], include_path, *, limit: float | None = None,
-              num_fewshot: int | None = None, samples: bool = False, bootstrap_iters: int = 1000) -> dict:
-    """lm-eval's `simple_evaluate` on our adapter, offline; its output dict ("results", and "samples" if asked)."""
+              num_fewshot: int | None = None, samples: bool = False, bootstrap_iters: int = 1000,
+              seed: int = 0) -> dict:
+    """The harness's evaluation of `tasks` on our adapter, offline: its output dict ("results", and
+    "samples" if asked).
+
+    This is `lm_eval.simple_evaluate` without its torch seeding and environment report (torch's
+    collect_env, ~10 s of subprocesses): the same task loading, few-shot rule (a task that pins
+    num_fewshot: 0 keeps it; otherwise `num_fewshot`, else the task's own, else 0) and seeds."""
+    import random
+
     go_offline()
     from lm_eval import evaluator
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
 
     manager = task_manager(include_path)
     check_tasks(manager, tasks)
-    return evaluator.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                     num_fewshot=num_fewshot, log_samples=samples,
-                                     bootstrap_iters=bootstrap_iters)
+    random.seed(seed)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    loaded_tasks = manager.load(list(tasks))
+    for task in loaded_tasks["tasks"].values():
+        pinned = task.get_config("num_fewshot")
+        if num_fewshot is not None and pinned != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif pinned is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return evaluator.evaluate(lm=lm, task_dict=loaded_tasks, limit=limit, bootstrap_iters=bootstrap_iters,
+                              log_samples=samples)
 
 
 def evaluate_tasks(path: str, tasks: Sequence[str], include_path, *, mesh=(-1, 1, 1), limit: float | None = None,
