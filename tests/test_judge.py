@@ -155,6 +155,21 @@ def test_both_sides_are_answered_and_paired(judging):
     assert (out / "inputs" / "2_1.png").read_bytes() == (out.parent / "in.png").read_bytes()
 
 
+def test_one_checkpoint_against_a_second_sample_of_itself(judging, tmp_path):
+    """Both sides from one checkpoint: seed 0 again gives the fixture's A answers exactly,
+    seed 1 other answers."""
+    out, _ = judging
+    side = lambda seed: responses.Side(str(out.parent / "export"), decoding=Decoding(12, seed, SamplingParams(1.0)))
+    logged = []
+    pairing = responses.prepare(str(tmp_path / "out"), str(out.parent / "prompts.jsonl"), side(0), side(1),
+                                mesh=(1, 1, 1), compiler_options=FAST_COMPILE, log=logged.append)
+    assert [p["id"] for p in pairing["prompts"]] == JUDGED and "(seed 1, temperature 1," in pairing["b"]
+    again = {pid: responses.answer_parts(tmp_path / "out", "A", pid) for pid in JUDGED}
+    assert again == {pid: responses.answer_parts(out, "A", pid) for pid in JUDGED}
+    assert sum(responses.answer_parts(tmp_path / "out", "B", pid) != again[pid] for pid in JUDGED) >= 4
+    assert [line.split(":")[0] for line in logged] == ["A", "B"]
+
+
 class Chromium:
     """Headless Chromium with one page, driven over the Chrome DevTools Protocol (a websocket)."""
 
