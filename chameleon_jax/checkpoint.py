@@ -53,12 +53,39 @@ def _orbax_dir(directory) -> epath.Path:
     return path
 
 
+_array_handler_set = False
+
+
+def _save_arrays_whole_on_cpu() -> None:
+    """Turns Orbax's replica-parallel saving off when the arrays live on CPU devices.
+
+    Replica-parallel saving splits every replicated array among the devices that hold a copy, so that
+    accelerators copy their parts to the host at once and hosts share the writes. CPU devices are one
+    process's memory: the split buys no parallelism and costs one eagerly dispatched slice per copy,
+    thousands per save for a state replicated over 8 CPU devices (4 s of a 5 s save of a 16 px VQ-GAN).
+    Accelerators keep Orbax's default."""
+    global _array_handler_set
+    if _array_handler_set or jax.default_backend() != "cpu":
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                                  array_metadata_store=_array_metadata_store()),
+        override=True)
+    _array_handler_set = True
+
+
+def _array_metadata_store():
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    return array_metadata_store.Store()
+
+
 def make_manager(directory, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """A manager that keeps the latest `keep` steps plus every `keep_every`-th step for good.
 
     It saves whenever asked: the caller decides when (an interval, a signal, the last step).
     """
+    _save_arrays_whole_on_cpu()
     keepers = [policies.LatestN(int(keep))]
     if keep_every:
         keepers.append(policies.EveryNSteps(int(keep_every)))
