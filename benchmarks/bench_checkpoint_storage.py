@@ -128,6 +128,8 @@ def main():
     with tempfile.TemporaryDirectory() as local:
         rows = {"local disk": measure(local, state, config, args.saves),
                 args.remote: measure(remote, state, config, args.saves)}
+    from chameleon_jax import cpu
+    print(cpu.describe())
     print(f"{args.config}: {n_params:,} params; train state {sum(x.nbytes for x in jax.tree.leaves(state)):,} "
           f"bytes in memory; {args.saves} async saves each, medians")
     print(f"{'storage':<28} {'stall ms':>9} {'commit ms':>10} {'bytes/ckpt':>12} {'files':>6} {'metrics ms':>11}")
@@ -137,4 +139,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from chameleon_jax import cpu
+    cpu.start_up()
     main()

@@ -80,6 +80,7 @@ def main(argv=None):
     from chameleon_jax import cpu
     cpu.use_every_core()
     P = jax.sharding.PartitionSpec
+    print(cpu.describe())
     print(f"{'config':10} {'layer':>18} {'n':>2} {'direct ms':>9} {'GF/s':>5} {'winograd ms':>11} {'GF/s':>5} "
           f"{'speed-up':>8} {'max rel err':>11}")
     for name in (["smoke"] if args.quick else ["chameleon", "smoke"]):
@@ -115,5 +116,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from chameleon_jax import cpu
-    cpu.use_huge_pages()
+    cpu.start_up()
     sys.exit(main())

@@ -125,7 +125,9 @@ def main():
         pre = bench_pretokenize(work, args.scenes)
         step_tps, B, L = bench_train_step(args.config, args.seq_len)
         rows = [(w, *bench_pipeline(work, L, B, w, args.batches)) for w in (0, 2)]
-    print(f"\npretokenize ({pre['encoder']}; 64x64 shapes pairs, pydoc text)")
+    from chameleon_jax import cpu
+    print("\n" + cpu.describe())
+    print(f"pretokenize ({pre['encoder']}; 64x64 shapes pairs, pydoc text)")
     print(f"  {'images/s':>14} {pre['images/s']:10.1f}   ({pre['pairs']} pairs)")
     print(f"  {'text docs/s':>14} {pre['text docs/s']:10.1f}   ({pre['text docs']} docs)")
     print(f"\npipeline vs train step ({args.config}: batch {B} x seq_len {L})")
@@ -137,4 +139,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from chameleon_jax import cpu
+    cpu.start_up()  # this CPU's XLA flags and huge pages, as the train entry point has them
     main()

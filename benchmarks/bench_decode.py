@@ -166,7 +166,8 @@ def main(argv=None):
         rows.append((b, ours, hf_rates[best_t], best_t))
     bandwidth, total, read = streaming_rate(params, args.repeats)
 
-    print(f"\nmodel: d={D}, {LAYERS} layers, vocab {VOCAB}, {n_params / 1e6:.1f}M params "
+    print("\n" + cpu.describe(f"HF generate at torch threads {args.threads}, best kept"))
+    print(f"model: d={D}, {LAYERS} layers, vocab {VOCAB}, {n_params / 1e6:.1f}M params "
           f"({total / 2**20:.0f} MiB fp32); {args.prompt}-token prompts, {args.steps} greedy decode steps; "
           f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} devices ({os.cpu_count()} cpus), torch {torch.__version__}")
     print(f"\n| batch | chameleon_jax tok/s | HF generate tok/s (threads) | speed-up |")
@@ -185,5 +186,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from chameleon_jax import cpu
-    cpu.use_huge_pages()  # before anything allocates; see chameleon_jax/cpu.py
+    cpu.start_up()  # this CPU's XLA flags and huge pages, before anything allocates
     sys.exit(main())

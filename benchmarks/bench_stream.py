@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--every", default="1,16", help="stream_every values (steps per host callback)")
     args = ap.parse_args()
+    from chameleon_jax import cpu
+    print(cpu.describe(), flush=True)
 
     from chameleon_jax import config as config_lib, model as model_lib, vocab as vocab_lib
     from chameleon_jax.generate.decoding import GenerationConfig, Generator
@@ -63,4 +65,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from chameleon_jax import cpu
+    cpu.start_up()
     main()

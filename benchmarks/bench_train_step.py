@@ -212,7 +212,8 @@ def main():
             rows.append((f"HF torch, {threads} thread{'s' * (threads > 1)}", _spread(t), hf[threads],
                          step_flops / min(t) / 1e9))
 
-    print(f"\nconfig: d={D}, {LAYERS} layers, {HEADS} heads (MHA), ffn {model_config(False).ffn_dim}, "
+    print("\n" + cpu.describe(f"ours {devices} device(s); HF torch at 1 and 2 threads (own process)"))
+    print(f"config: d={D}, {LAYERS} layers, {HEADS} heads (MHA), ffn {model_config(False).ffn_dim}, "
           f"vocab {VOCAB}, batch {args.batch}x{args.seq} = {tokens} tokens/step, fp32, "
           f"scan_layers={args.scan}")
     print(f"analytic train FLOPs/step {step_flops / 1e9:.1f} G (chameleon_jax.model.flops); "
@@ -233,5 +234,5 @@ def main():
 
 if __name__ == "__main__":
     from chameleon_jax import cpu
-    cpu.use_huge_pages()  # before anything allocates; see chameleon_jax/cpu.py
+    cpu.start_up()  # this CPU's XLA flags and huge pages, before anything allocates
     main()

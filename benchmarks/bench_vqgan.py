@@ -110,7 +110,8 @@ def main(argv=None):
     for n in names:
         kw, size, batch = CASES[n]
         rows += run_case(n, kw, size, batch, args.reps)
-    print(f"\n{'config':10} {'op':7} {'px':>4} {'batch':>5} {'GFLOP/img':>9} {'jax img/s':>10} {'jax GF/s':>8} "
+    print("\n" + cpu.describe("HF encode at torch threads 1 and 2, best kept"))
+    print(f"{'config':10} {'op':7} {'px':>4} {'batch':>5} {'GFLOP/img':>9} {'jax img/s':>10} {'jax GF/s':>8} "
           f"{'hf img/s':>9} {'hf thr':>6} {'hf GF/s':>7} {'jax/hf':>7} {'ceiling/hf':>10} {'codes==hf':>9}")
     for r in rows:
         hf = r.get("hf")
@@ -126,5 +127,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from chameleon_jax import cpu
-    cpu.use_huge_pages()  # before anything allocates; see chameleon_jax/cpu.py
+    cpu.start_up()  # this CPU's XLA flags and huge pages, before anything allocates
     sys.exit(main())

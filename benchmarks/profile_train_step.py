@@ -102,7 +102,8 @@ def main():
                     jax.block_until_ready(fn(*a))
                     times[name].append(time.perf_counter() - t)
 
-    print(f"\n| {'piece':38s} | {'best s':>7s} | {'median s':>8s} | {'GFLOP/s best':>12s} |")
+    print("\n" + cpu.describe())
+    print(f"| {'piece':38s} | {'best s':>7s} | {'median s':>8s} | {'GFLOP/s best':>12s} |")
     print(f"|{'-' * 40}|{'-' * 9}|{'-' * 10}|{'-' * 14}|")
     for name in pieces:
         t = times[name]
@@ -114,5 +115,5 @@ def main():
 
 if __name__ == "__main__":
     from chameleon_jax import cpu
-    cpu.use_huge_pages()
+    cpu.start_up()
     main()

@@ -9,9 +9,16 @@ Call `use_every_core()` first thing in an entry point, before anything touches a
 overrides a device count the user chose (`jax_num_cpu_devices`, or the XLA flag), and does nothing once
 backends exist. On a GPU/TPU host it is harmless: it only shapes the CPU client, which is not the
 default backend there.
+
+`start_up()` is the first call of every CPU entry point: it sets the XLA flags chosen for this CPU's
+vendor (`XLA_CHOICES`, each with the measurement behind it) and re-executes with huge pages.
+`describe()` says where a run happened (CPU model, vendor, cores, ISA features, XLA flags in force,
+versions, threads); every benchmark prints it.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import logging
 import os
 import sys
@@ -100,3 +107,118 @@ def _configured_count() -> int:
 def _set_count(n: int) -> None:
     import jax
     jax.config.update("jax_num_cpu_devices", n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where a run happens, and the XLA flags chosen for it.
+
+# ISA features that decide which matmul kernels a library can use: AVX-512 (and its bf16/fp16 dot
+# instructions) and Intel's AMX tiles, which oneDNN uses and XLA's YNNPACK/Eigen kernels do not.
+ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+INTEL, AMD = "GenuineIntel", "AuthenticAMD"
+XLA_FLAGS_SET_ENV = "CHAMELEON_JAX_XLA_FLAGS_SET"  # what start_up() added, so a report can tell it apart
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    vendor: str  # the cpuid vendor string: GenuineIntel, AuthenticAMD, ...
+    model: str  # "model name" from /proc/cpuinfo
+    cpus: int  # logical CPUs this process may use
+    threads_per_core: int  # 2 where the CPUs are hyperthreads sharing one core's vector units
+    features: tuple[str, ...]  # the ISA_FEATURES present
+
+
+def machine(cpuinfo_text: str | None = None) -> Machine:
+    """This host's CPU, from /proc/cpuinfo (its first processor block); other systems give what
+    `platform` knows and no features."""
+    if cpuinfo_text is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo_text = f.read()
+        except OSError:
+            import platform
+            return Machine(platform.machine(), platform.processor() or "unknown", core_count(), 1, ())
+    fields: dict[str, str] = {}
+    for line in cpuinfo_text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    siblings, cores = int(fields.get("siblings", 0) or 0), int(fields.get("cpu cores", 0) or 0)
+    return Machine(vendor=fields.get("vendor_id", "unknown"), model=fields.get("model name", "unknown"),
+                   cpus=core_count(), threads_per_core=max(1, siblings // cores) if cores else 1,
+                   features=tuple(f for f in ISA_FEATURES if f in flags))
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaChoice:
+    """XLA flags that won on one CPU vendor and not on another, with the measurement behind them."""
+    vendors: tuple[str, ...]
+    flags: tuple[str, ...]
+    reason: str
+
+
+XLA_CHOICES: tuple[XlaChoice, ...] = ()
+
+
+def xla_flags_for(m: Machine) -> list[str]:
+    return [flag for choice in XLA_CHOICES if m.vendor in choice.vendors for flag in choice.flags]
+
+
+def configure_xla(m: Machine | None = None) -> list[str]:
+    """Appends this CPU's chosen XLA flags to XLA_FLAGS and returns those it added.
+
+    A flag the user already set (same name, any value) is kept as the user wrote it. XLA reads
+    XLA_FLAGS once, when the first backend starts, so this must run before anything touches JAX."""
+    env = os.environ.get("XLA_FLAGS", "")
+    present = {tok.split("=", 1)[0] for tok in env.split()}
+    added = [f for f in xla_flags_for(m or machine()) if f.split("=", 1)[0] not in present]
+    if added:
+        if "jax" in sys.modules:
+            from jax._src import xla_bridge
+            if xla_bridge.backends_are_initialized():
+                log.warning("configure_xla() called after JAX started its backends: %s not applied", added)
+                return []
+        os.environ["XLA_FLAGS"] = " ".join([env, *added]).strip()
+        previous = os.environ.get(XLA_FLAGS_SET_ENV, "")
+        os.environ[XLA_FLAGS_SET_ENV] = " ".join([previous, *added]).strip()
+    return added
+
+
+def start_up() -> None:
+    """The first call of a CPU entry point's `__main__`: this CPU's XLA flags, then huge pages (which
+    re-executes the process; the flags travel in its environment)."""
+    configure_xla()
+    use_huge_pages()
+
+
+def describe(threads: str = "") -> str:
+    """Where this process runs, for a benchmark's header: CPU, ISA features, the XLA flags in force
+    (and which of them start_up() chose for this CPU), versions, threads. `threads` adds the
+    caller's own thread settings (e.g. torch's thread counts)."""
+    m = machine()
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    set_here = os.environ.get(XLA_FLAGS_SET_ENV, "")
+    chosen = f"of which chameleon_jax.cpu chose for {m.vendor}: {set_here}" if set_here else \
+        f"chameleon_jax.cpu chose none for {m.vendor}"
+    devices = ""
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            import jax
+            devices = f"{jax.device_count()} {jax.default_backend()} device(s); "
+    lines = [
+        f"cpu: {m.model} ({m.vendor}), {m.cpus} logical CPUs usable, {m.threads_per_core} thread(s) per core; "
+        f"ISA: {' '.join(m.features) or 'none of ' + '/'.join(ISA_FEATURES)}"
+        f"{'' if 'amx_tile' in m.features else ' (no AMX)'}",
+        f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r} ({chosen})",
+        f"versions: jax {version('jax')}, jaxlib {version('jaxlib')}, torch {version('torch')}, "
+        f"transformers {version('transformers')}",
+        f"threads: {devices}XLA:CPU intra-op pool {core_count()} threads per process; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+        f"{'; ' + threads if threads else ''}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
+    ]
+    return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""chameleon_jax.cpu: the host-device count it asks XLA for."""
+"""chameleon_jax.cpu: the host-device count it asks XLA for, the CPU it reports, the XLA flags it chooses."""
+import os
+
 import jax
 
 from chameleon_jax import cpu
@@ -62,3 +64,56 @@ def test_use_huge_pages_reexecs_once_with_the_tunable_and_keeps_other_tunables()
     assert _run_child({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == \
         "glibc.malloc.arena_max=2:" + cpu.HUGE_PAGES_TUNABLE
     assert _run_child({"CHAMELEON_JAX_NO_HUGE_PAGES": "1"}) == ""
+
+
+INTEL_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Processor
+siblings\t: 2
+cpu cores\t: 1
+flags\t\t: fpu sse avx2 fma avx512f avx512_vnni avx512_bf16 avx512_fp16
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+siblings\t: 2
+cpu cores\t: 2
+flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile_not_a_feature
+"""
+
+
+def test_machine_reads_vendor_model_hyperthreads_and_isa():
+    intel, amd = cpu.machine(INTEL_CPUINFO), cpu.machine(AMD_CPUINFO)
+    assert (intel.vendor, intel.model, intel.threads_per_core) == (cpu.INTEL, "Intel(R) Xeon(R) Processor", 2)
+    assert intel.features == ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16")
+    assert (amd.vendor, amd.threads_per_core) == (cpu.AMD, 1)
+    assert "amx_tile" not in amd.features  # whole flag names only
+
+
+def test_configure_xla_adds_the_vendors_flags_and_keeps_the_users(monkeypatch):
+    choices = (cpu.XlaChoice((cpu.INTEL,), ("--xla_a=1", "--xla_b=true"), "measured"),
+               cpu.XlaChoice((cpu.AMD,), ("--xla_c=2",), "measured"))
+    monkeypatch.setattr(cpu, "XLA_CHOICES", choices)
+    monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: False)
+    monkeypatch.delenv(cpu.XLA_FLAGS_SET_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_b=false --other=1")
+    assert cpu.configure_xla(cpu.machine(INTEL_CPUINFO)) == ["--xla_a=1"]  # the user's --xla_b stays
+    assert os.environ["XLA_FLAGS"] == "--xla_b=false --other=1 --xla_a=1"
+    assert os.environ[cpu.XLA_FLAGS_SET_ENV] == "--xla_a=1"
+    assert cpu.configure_xla(cpu.machine(INTEL_CPUINFO)) == []  # idempotent (the huge-page re-exec runs it again)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert cpu.configure_xla(cpu.machine(AMD_CPUINFO)) == ["--xla_c=2"]
+    monkeypatch.setattr("jax._src.xla_bridge.backends_are_initialized", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert cpu.configure_xla(cpu.machine(AMD_CPUINFO)) == [] and os.environ["XLA_FLAGS"] == ""  # too late
+
+
+def test_describe_names_the_cpu_the_flags_and_the_versions(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_x=1")
+    text = cpu.describe("torch 2 threads")
+    m = cpu.machine()
+    assert m.model in text and m.vendor in text and "--xla_x=1" in text
+    assert f"jax {jax.__version__}" in text and "torch 2 threads" in text and "intra-op pool" in text
