@@ -80,7 +80,7 @@ def test_pairing_refuses_missing_and_stale_answers():
     ids, skipped = pairwise.pair_answers([(1, "a"), (2, "b"), (3, "c")], {1: "a", 2: "b", 3: "other"},
                                          {1: "a", 3: "c"})
     assert ids == [1]
-    assert skipped[0] == (2, "no answer from B") and skipped[1][0] == 3 and "from A is to another prompt" in \
+    assert skipped[0] == (2, "no readable answer from B") and skipped[1][0] == 3 and "from A is to another prompt" in \
         skipped[1][1]
 
 

@@ -45,7 +45,7 @@ def pair_answers(prompts: Sequence[tuple[object, str]], answers_a: Mapping[objec
     for pid, text in prompts:
         missing = [name for name, answers in (("A", answers_a), ("B", answers_b)) if pid not in answers]
         if missing:
-            skipped.append((pid, f"no answer from {' and '.join(missing)}"))
+            skipped.append((pid, f"no readable answer from {' and '.join(missing)}"))
             continue
         stale = [name for name, answers in (("A", answers_a), ("B", answers_b)) if answers[pid] != text]
         if stale:

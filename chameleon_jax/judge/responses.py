@@ -97,7 +97,7 @@ def prepare(out: str, prompts: str, a: Side, b: Side, *, sides_seed: int = 0, mo
             inputs.append(name)
         prompts_out.append({"id": pid, "prompt": by_id[pid].prompt, "inputs": inputs, "left": left[pid]})
     pairing = {"prompts_file": str(prompts), "sides_seed": sides_seed, "a": a.describe(), "b": b.describe(),
-               "prompts": prompts_out, "skipped": sorted([list(s) for s in skipped + unpaired], key=str)}
+               "prompts": prompts_out, "skipped": sorted([list(s) for s in skipped + unpaired], key=lambda s: s[0])}
     (out / PAIRING).write_text(json.dumps(pairing, indent=1))
     return pairing
 
@@ -123,7 +123,9 @@ def _recorded_prompts(folder: epath.Path, labels) -> dict:
     for label in labels:
         path = folder / str(label) / "output.json"
         try:
-            found[label] = json.loads(path.read_text())["prompt"]
+            record = json.loads(path.read_text())
+            if isinstance(record["segments"], list) and isinstance(record["prompt"], str):
+                found[label] = record["prompt"]
         except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
             continue  # no answer (a line the generator skipped, or a damaged folder): pair_answers says so
     return found

@@ -193,7 +193,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def serve(out: str, port: int = 0) -> tuple[http.server.ThreadingHTTPServer, Session]:
     """A server on 127.0.0.1:`port` (0: a free one) over the answers in OUT; call serve_forever()."""
     session = Session(out)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+    try:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+    except OSError as e:
+        session.close()
+        raise ValueError(f"cannot serve on 127.0.0.1:{port} ({e.strerror}); port 0 (--port=0) picks a free "
+                         "one") from e
     httpd.session = session
     return httpd, session
 
