@@ -19,7 +19,7 @@ from chameleon_jax.model import sharding as shd
 from chameleon_jax.train import trainer
 from chameleon_jax.vqgan import checkpoint as vq_checkpoint
 from chameleon_jax.vqgan import perceptual
-from chameleon_jax.vqgan.train import budget, data, evaluate, settings, step as step_lib
+from chameleon_jax.vqgan.train import budget, data, evaluate, report, settings, step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> trainer.Task:
 
     def export(state):
         ckpt.export_params(step_lib.eval_params(state), workdir / vq_checkpoint.EXPORT, config)
+        if config.eval.get("report", False) and jax.process_index() == 0:  # held-out report (report.py)
+            report.heldout_report(step_lib.eval_params(state), config, workdir / "report",
+                                  lpips_params=lp if config.eval.lpips else None)
+            log.warning("held-out report written to %s", workdir / "report" / "report.md")
 
     return trainer.Task(
         name="vqgan", config=config, mesh=mesh,
