@@ -3,7 +3,8 @@ multiple-choice task and a local generation task scored through the program's li
 against a direct computation that never touches the adapter: full-forward logits of the model, log-softmax
 summed over each continuation's tokens, the argmax choice (acc, acc_norm), and greedy decoding by repeated
 full forwards without a cache (exact_match). Also: a long document's rolling loglikelihood against the
-windows summed directly, a 2-device mesh against one device, and task errors that name their fix.
+windows summed directly (rows split over a 2-device data axis), a 2-device tensor-parallel mesh against
+one device, and task errors that name their fix.
 
 The checkpoint is the tiny export of tests/test_generate_program.py (a 2-layer 34B-shaped model, a
 sentencepiece tokenizer of ~320 pieces, max_length = its train.seq_len = 64).
@@ -218,8 +219,16 @@ def two_device_lm(export):
     return harness.ChameleonLM(loaded, batch_size=8, compiler_options=FAST_COMPILE, progress=False)
 
 
-def test_rolling_loglikelihood_sums_the_windows(model, two_device_lm):
-    """A 4-window document: the harness's rule (harness.py docstring) applied by hand to direct logits."""
+@pytest.fixture(scope="module")
+def data_parallel_lm(export):
+    """The adapter on a (2, 1, 1) mesh with 2 rows per batch: each device scores one row."""
+    loaded = load(str(export), mesh=(2, 1, 1), devices=jax.devices()[:2])
+    return harness.ChameleonLM(loaded, batch_size=2, compiler_options=FAST_COMPILE, progress=False)
+
+
+def test_rolling_loglikelihood_sums_the_windows(model, data_parallel_lm):
+    """A 4-window document: the harness's rule (harness.py docstring) applied by hand to direct logits;
+    the windows are scored two at a time, split over the data axis."""
     loaded, logits_fn = model
     tokens = loaded.tokenizer.encode(DOCUMENT).tolist()
     assert len(tokens) > 2 * MAX_LENGTH
@@ -232,9 +241,9 @@ def test_rolling_loglikelihood_sums_the_windows(model, two_device_lm):
         done = end
     lg = logits_fn(rows)
     want = sum(_loglikelihood(z, r, n) for z, r, n in zip(lg, rows, counts))
-    got, = two_device_lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (DOCUMENT,), 0)])
+    got, = data_parallel_lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (DOCUMENT,), 0)])
     assert abs(got - want) <= _ll_tol(loaded, [z[:len(r)] for z, r in zip(lg, rows)], len(tokens)), (got, want)
-    assert len(two_device_lm.rolling_windows(DOCUMENT)) == len(rows) >= 3
+    assert len(data_parallel_lm.rolling_windows(DOCUMENT)) == len(rows) >= 3
 
 
 def test_two_devices_give_the_loglikelihoods_of_one(model, reference, scored, two_device_lm):
