@@ -258,6 +258,8 @@ def test_two_devices_give_the_loglikelihoods_of_one(model, reference, scored, tw
     two = [ll for ll, _ in two_device_lm.loglikelihood(instances)]
     diff = np.abs(np.array(two) - np.array(one_device))
     assert (diff <= np.array(bounds)).all(), (diff.max(), min(bounds))
+    # A continuation with no tokens has probability 1 (nothing is scored for it).
+    assert two_device_lm.loglikelihood([Instance("loglikelihood", {}, ("the red", ""), 0)]) == [(0.0, True)]
 
 
 def test_an_unknown_task_names_the_tasks_at_hand(scored, export):

@@ -85,7 +85,7 @@ class ChameleonLM(LM):
         self.compiler_options = compiler_options
         self.progress = progress
         self.requests_scored = 0      # rows through the scoring program (rolling windows count one each)
-        self.seconds = 0.0            # device time spent in scoring and decoding calls, host waits included
+        self.seconds = 0.0            # wall time inside scoring and decoding calls, compilation included
         self._score = self._build_score()
         self._generators: dict[int, object] = {}
         self._warned_sampling = False
@@ -144,18 +144,21 @@ class ChameleonLM(LM):
 
         from chameleon_jax.model import sharding as shd
 
-        rows = []
-        for ctx, cont in pairs:
-            if not ctx or not cont:
-                raise ValueError("a scored pair needs at least one context token (<s>) and one continuation token")
+        out: list = [(0.0, True)] * len(pairs)  # an empty continuation: probability 1, trivially greedy
+        rows, where = [], []
+        for k, (ctx, cont) in enumerate(pairs):
+            if not ctx:
+                raise ValueError("a scored pair needs at least one context token (<s>)")
+            if not cont:
+                continue
             if len(cont) > self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens exceeds max_length={self.max_length}; "
                                  "raise --max_length (the model's context window)")
             # Inputs predict the next token; the context is cut on the left to fit max_length inputs.
             whole = (ctx + cont)[-(self.max_length + 1):]
             rows.append((whole[:-1], whole[1:], len(cont)))
+            where.append(k)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        out: list = [None] * len(rows)
         start = time.perf_counter()
         with jax.set_mesh(self.loaded.mesh), shd.activation_rules(self.loaded.rules):
             for first in tqdm(range(0, len(order), self.rows), desc=desc, unit="batch", disable=not self.progress):
@@ -173,7 +176,7 @@ class ChameleonLM(LM):
                 logp, greedy = jax.device_get(self._score(self.loaded.params, *self._to_devices(
                     [tokens, targets, segment_ids, positions, scored])))
                 for r, i in enumerate(chunk):
-                    out[i] = (float(logp[r]), bool(greedy[r]))
+                    out[where[i]] = (float(logp[r]), bool(greedy[r]))
         self.seconds += time.perf_counter() - start
         self.requests_scored += len(rows)
         return out
