@@ -270,7 +270,8 @@ class ChameleonLM(LM):
     # ------------------------------------------------------------------ accounting
     @property
     def compiled_programs(self) -> int:
-        """Programs compiled so far: scoring shapes plus decoding shapes."""
+        """Programs compiled so far: scoring shapes plus decoding shapes (jit's per-function cache of
+        compiled executables, `_cache_size`, which JAX's own tests use to count recompilations)."""
         return self._score._cache_size() + sum(g._fn._cache_size() for g in self._generators.values())
 
 
