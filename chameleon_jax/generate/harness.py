@@ -408,6 +408,6 @@ def evaluate_tasks(path: str, tasks: Sequence[str], include_path, *, mesh=(-1, 1
                                    **{m: s[m] for m in s if m in r}}
                                   for s in raw["samples"][t]] for t, r in raw["results"].items()
                               if t in raw.get("samples", {})}
-    if output:
+    if output and jax.process_index() == 0:  # every process computed the same summary; one writes it
         epath.Path(output).write_text(json.dumps(summary, indent=2, default=str))
     return summary
