@@ -231,22 +231,34 @@ def test_the_program_scores_what_generate_answers_and_counts_bad_lines(eval_root
 
 def test_vqa_items_get_the_question_in_their_prompt_as_a_user_turn(eval_root, loaded):
     root, _ = eval_root
-    questions = ["what is it?", "which colour?"]
-    images = [root / "im0.png", root / "im1.png"]
+    questions = ["what is it?", "which colour?", "how many are there?"]
+    images = [root / f"im{i}.png" for i in range(3)]
     outputs, tokens = _generated(loaded, [f"<image>Q: {q}" for q in questions], images, 4, FAST_COMPILE,
                                  user_turn=True)
     preds = [benchmark.prediction_of(o) for o in outputs]
-    answers = [[preds[0], "red"], ["certainly not " + preds[1]]]  # the first is right, the second wrong
+    # The first is right, the second wrong, the third right but only 1 of its 3 human answers agrees.
+    answers = [[preds[0], "red"], ["certainly not " + preds[1]], [preds[2], "zebra", "zebra"]]
     items = [benchmark.Item(i + 1, str(im), tuple(a), q) for i, (im, a, q) in enumerate(zip(images, answers,
                                                                                           questions))]
+    # All three prompts (with <end-turn>) pad to one length (34-35 ids -> 40): both batches have one shape.
+    assert len({-(-(len(prompt_ids(loaded, Request(f"<image>Q: {q}", (str(im),), "text"))) + 1) // 8)
+                for q, im in zip(questions, images)}) == 1
+    (decoder,) = [g for key, g in loaded.generators.items() if key[0].max_new_tokens == 4]
+    compiled = decoder._fn._cache_size()
     results = benchmark.evaluate(loaded, items, "vqa", prompt="<image>Q: {question}", batch_size=2, chat=True,
                                  decoding=Decoding(max_new_tokens=4), compiler_options=FAST_COMPILE,
                                  predictions_path=str(root / "vqa.predictions.jsonl"))
+    # Two batches, the second padded to the first's shape, on the decoder compiled above: one new shape.
+    assert [g for key, g in loaded.generators.items() if key[0].max_new_tokens == 4] == [decoder]
+    assert decoder._fn._cache_size() == compiled + 1
     records = [json.loads(x) for x in (root / "vqa.predictions.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in records] == tokens and [r["output"] for r in records] == outputs
-    assert [r["prompt"] for r in records] == ["<image>Q: what is it?", "<image>Q: which colour?"]
-    assert results["vqa_accuracy"]["value"] == 0.5 and results["vqa_accuracy"]["correct"] == 1
-    assert results["vqa_accuracy"]["ci"] == list(stats.wilson_interval(1, 2))
-    assert "vqa_score" not in results  # fewer than 3 human answers per item
+    assert [r["prompt"] for r in records] == [f"<image>Q: {q}" for q in questions]
+    assert results["vqa_accuracy"]["value"] == pytest.approx(2 / 3) and results["vqa_accuracy"]["correct"] == 2
+    assert results["vqa_accuracy"]["ci"] == list(stats.wilson_interval(2, 3))
+    # Only the third item has 3 human answers: 1 of 3 match, so each leave-one-out subset holds 0 or 1
+    # matches: (1 * 0 + 2 * 1/3) / 3 = 2/9.
+    assert results["vqa_score"]["items"] == 1 and results["vqa_score"]["value"] == pytest.approx(2 / 9)
+    assert records[2]["vqa_score"] == pytest.approx(2 / 9) and "vqa_score" not in records[0]
     with pytest.raises(ValueError, match="no {question}"):
         benchmark.evaluate(loaded, items, "vqa", prompt="<image> what?")

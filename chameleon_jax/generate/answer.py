@@ -59,6 +59,8 @@ class Loaded:
     vq_cfg: object
     vq_params: dict
     grid: tuple[int, int]   # image code grid (h, w)
+    # Compiled decoders by settings, so the batches of one run (same settings, same shapes) compile once.
+    generators: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def vocab(self):
@@ -187,9 +189,16 @@ def generate_batch(loaded: Loaded, requests: Sequence[Request], ids: Sequence[li
     rows = list(ids) + [ids[0]] * (-len(ids) % loaded.row_multiple)
     streamer = TextStream(loaded.tokenizer.decode, vocab, [r.label for r in requests], stream, labelled,
                           [p[-1] == vocab.begin_image for p in ids]) if stream else None
-    gen = Generator(loaded.graphdef, loaded.model_cfg, vocab, gen_config, mesh=loaded.mesh, rules=loaded.rules,
-                    compiler_options=compiler_options, on_step=streamer.put if streamer else None,
-                    stream_every=stream_every)
+    # A streamed batch has its own printer in the loop; otherwise a decoder compiled for these settings
+    # before is reused (jit compiles again only for a new batch or prompt-length shape).
+    key = (gen_config, tuple(sorted((compiler_options or {}).items())))
+    gen = None if streamer else loaded.generators.get(key)
+    if gen is None:
+        gen = Generator(loaded.graphdef, loaded.model_cfg, vocab, gen_config, mesh=loaded.mesh, rules=loaded.rules,
+                        compiler_options=compiler_options, on_step=streamer.put if streamer else None,
+                        stream_every=stream_every)
+        if not streamer:
+            loaded.generators[key] = gen
     result = gen(loaded.params, rows, seed=decoding.seed)
     if streamer:
         streamer.end()

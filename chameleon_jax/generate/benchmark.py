@@ -160,10 +160,13 @@ def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | 
     outputs, tokens = [], []
     for start in range(0, len(built), batch_size):
         chunk = built[start:start + batch_size]
+        n = len(chunk)
+        if len(built) > batch_size:  # a short last batch repeats its first item: same shape, no new compile
+            chunk = chunk + [chunk[0]] * (batch_size - n)
         answers, result = generate_batch(loaded, [r for _, r, _ in chunk], [ids for _, _, ids in chunk], decoding,
                                          compiler_options=compiler_options)
-        outputs += ["".join(s for s in segments if isinstance(s, str)) for segments in answers]
-        tokens += [result.row(i).tolist() for i in range(len(chunk))]
+        outputs += ["".join(s for s in segments if isinstance(s, str)) for segments in answers[:n]]
+        tokens += [result.row(i).tolist() for i in range(n)]
     preds = [prediction_of(o) for o in outputs]
     scores, per_item = score(task, preds, [item.references for item, _, _ in built])
     results = {"task": task, "checkpoint": str(loaded.step_dir), "prompt": template, "chat": chat,
