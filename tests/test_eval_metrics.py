@@ -260,5 +260,6 @@ def test_vqa_items_get_the_question_in_their_prompt_as_a_user_turn(eval_root, lo
     # matches: (1 * 0 + 2 * 1/3) / 3 = 2/9.
     assert results["vqa_score"]["items"] == 1 and results["vqa_score"]["value"] == pytest.approx(2 / 9)
     assert records[2]["vqa_score"] == pytest.approx(2 / 9) and "vqa_score" not in records[0]
+    assert benchmark.describe(results).startswith("VQA accuracy 66.7% [")
     with pytest.raises(ValueError, match="no {question}"):
         benchmark.evaluate(loaded, items, "vqa", prompt="<image> what?")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Sequence
 
@@ -29,6 +30,8 @@ from etils import epath
 
 from chameleon_jax.evals import metrics, stats
 from chameleon_jax.generate.answer import Decoding, Loaded, Request, generate_batch, load, prompt_ids
+
+log = logging.getLogger(__name__)
 
 TASKS = ("caption", "vqa")
 # The image, then nothing: the model continues with its caption (as the smoke's `<s> <image>` prompt).
@@ -121,6 +124,25 @@ def score(task: str, predictions: Sequence[str], references: Sequence[Sequence[s
     return scores, per_item
 
 
+def describe(results: dict) -> str:
+    """One line for people: each score with its interval, the items scored and the lines skipped."""
+    parts = []
+    if "cider" in results:
+        c = results["cider"]
+        parts.append(f"CIDEr {c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]")
+    if "vqa_accuracy" in results:
+        a = results["vqa_accuracy"]
+        parts.append(f"VQA accuracy {100 * a['value']:.1f}% [{100 * a['ci'][0]:.1f}%, {100 * a['ci'][1]:.1f}%] "
+                     f"({a['correct']}/{results['items']})")
+    if "vqa_score" in results:
+        v = results["vqa_score"]
+        parts.append(f"VQA score {100 * v['value']:.1f}% [{100 * v['ci'][0]:.1f}%, {100 * v['ci'][1]:.1f}%] "
+                     f"({v['items']} items with >= 3 answers)")
+    confidence = next(iter(x["confidence"] for x in results.values() if isinstance(x, dict) and "confidence" in x))
+    return (f"{'; '.join(parts)} ({100 * confidence:g}% intervals) over {results['items']} item(s), "
+            f"{len(results['skipped'])} line(s) skipped")
+
+
 def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | None = None,
              decoding: Decoding | None = None, batch_size: int = 16, skipped: Sequence[tuple[int, str]] = (),
              predictions_path: str | None = None, chat: bool = False, compiler_options: dict | None = None) -> dict:
@@ -199,6 +221,8 @@ def evaluate_eval_set(checkpoint: str, eval_set: str, task: str, *, mesh=(-1, 1,
     import jax
 
     items, skipped = read_eval_set(eval_set, task)
+    for n, why in skipped:
+        log.warning("skipped line %d: %s", n, why)
     mesh = tuple(int(x) for x in mesh)
     devices = None if -1 in mesh else jax.devices()[:math.prod(mesh)]
     loaded = load(checkpoint, mesh=mesh, devices=devices, tokenizer=tokenizer, vqgan=vqgan)
@@ -212,4 +236,5 @@ def evaluate_eval_set(checkpoint: str, eval_set: str, task: str, *, mesh=(-1, 1,
     results = {"eval_set": str(eval_set), **results}
     if output:
         epath.Path(output).write_text(json.dumps(results, indent=2))
+    log.info("%s: %s", eval_set, describe(results))
     return results
