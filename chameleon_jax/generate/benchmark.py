@@ -23,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Sequence
 
+import numpy as np
 from etils import epath
 
 from chameleon_jax.evals import metrics, stats
@@ -80,7 +82,8 @@ def read_eval_set(path: str, task: str) -> tuple[list[Item], list[tuple[int, str
         if task == "vqa" and not isinstance(obj.get("question"), str):
             skipped.append((n, 'no "question" string'))
             continue
-        image = obj["image"] if os.path.isabs(obj["image"]) or "://" in obj["image"] else os.path.join(base, obj["image"])
+        image = obj["image"]
+        image = image if os.path.isabs(image) or "://" in image else os.path.join(base, image)
         if not epath.Path(image).exists():
             skipped.append((n, f"image not found: {image}"))
             continue
@@ -115,7 +118,7 @@ def score(task: str, predictions: Sequence[str], references: Sequence[Sequence[s
                                "interval": "Wilson"}}
     per_item = {"correct": correct}
     consensus, consensus_items = metrics.vqa_score(list(predictions), refs)
-    scored = consensus_items[consensus_items == consensus_items]  # items with >= 3 human answers
+    scored = consensus_items[~np.isnan(consensus_items)]  # items with >= 3 human answers
     if scored.size:
         low, high = stats.bootstrap_interval(scored, confidence)
         scores["vqa_score"] = {"value": consensus, "ci": [low, high], "confidence": confidence,
@@ -202,7 +205,7 @@ def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | 
                                                                  is not None else {}),
                       "prompt": request.prompt, "tokens": tokens[k], "output": output, "prediction": preds[k],
                       field: list(item.references),
-                      **{name: float(v[k]) for name, v in per_item.items() if v[k] == v[k]}}
+                      **{name: float(v[k]) for name, v in per_item.items() if not math.isnan(v[k])}}
             lines.append(json.dumps(record))
         epath.Path(predictions_path).write_text("\n".join(lines) + "\n")
         results["predictions"] = str(predictions_path)
@@ -216,8 +219,6 @@ def evaluate_eval_set(checkpoint: str, eval_set: str, task: str, *, mesh=(-1, 1,
     the checkpoint (a workdir, step folder or export) onto a (data, fsdp, tensor) mesh (-1 fills the
     devices), answers and scores. With `output` (results.json), the results go there and the per-item
     predictions to results.predictions.jsonl beside it. `max_new_tokens` 0 = the task's default."""
-    import math
-
     import jax
 
     items, skipped = read_eval_set(eval_set, task)
