@@ -205,7 +205,9 @@ def test_the_program_scores_what_generate_answers_and_counts_bad_lines(eval_root
              json.dumps({"image": "im1.png", "references": refs[1]}),
              json.dumps({"image": "im2.png", "references": "one string, not a list"}),
              json.dumps({"image": "missing.png", "references": ["x"]}),
-             json.dumps({"image": "im2.png", "references": refs[2]})]
+             json.dumps({"image": "im2.png", "references": refs[2]}),
+             json.dumps({"image": "corrupt.png", "references": ["x"]})]
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (root / "caps.jsonl").write_text("\n".join(lines) + "\n")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     env.pop("JAX_NUM_CPU_DEVICES", None)
@@ -217,8 +219,9 @@ def test_the_program_scores_what_generate_answers_and_counts_bad_lines(eval_root
     results = json.loads((root / "results.json").read_text())
     assert json.loads(proc.stdout) == results
     assert results["items"] == 3
-    assert [s[0] for s in results["skipped"]] == [2, 4, 5]
+    assert [s[0] for s in results["skipped"]] == [2, 4, 5, 7]
     assert "not JSON" in results["skipped"][0][1] and "image not found" in results["skipped"][2][1]
+    assert results["skipped"][3][1].startswith("BadImage")  # read, but does not decode
     records = [json.loads(x) for x in (root / "results.predictions.jsonl").read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 3, 6]
     assert [r["tokens"] for r in records] == tokens and [r["output"] for r in records] == outputs
@@ -263,3 +266,5 @@ def test_vqa_items_get_the_question_in_their_prompt_as_a_user_turn(eval_root, lo
     assert benchmark.describe(results).startswith("VQA accuracy 66.7% [")
     with pytest.raises(ValueError, match="no {question}"):
         benchmark.evaluate(loaded, items, "vqa", prompt="<image> what?")
+    with pytest.raises(ValueError, match="not found"):
+        benchmark.read_eval_set(str(root / "no_such.jsonl"), "vqa")

@@ -63,6 +63,9 @@ def read_eval_set(path: str, task: str) -> tuple[list[Item], list[tuple[int, str
     if task not in TASKS:
         raise ValueError(f"task={task!r}; choose one of {TASKS}")
     field = "references" if task == "caption" else "answers"
+    if not epath.Path(path).exists():
+        raise ValueError(f"eval set {path} not found; give a JSONL file (one item per line, see "
+                         "docs/evaluation.md)")
     items, skipped = [], []
     base = os.path.dirname(str(path))
     for n, line in enumerate(epath.Path(path).read_text().splitlines(), start=1):
@@ -175,7 +178,7 @@ def evaluate(loaded: Loaded, items: Sequence[Item], task: str, *, prompt: str | 
         try:
             ids = prompt_ids(loaded, request)
             built.append((item, request, ids + [loaded.vocab.end_turn] if chat else ids))
-        except Exception as e:  # noqa: BLE001 - an undecodable image is skipped with its reason, the run goes on
+        except (ValueError, OSError) as e:  # BadImage is a ValueError: skipped with its reason, the run goes on
             skipped.append((item.line, f"{type(e).__name__}: {e}"))
     skipped.sort()
     if not built:
