@@ -228,6 +228,8 @@ def evaluate_eval_set(checkpoint: str, eval_set: str, task: str, *, mesh=(-1, 1,
     for n, why in skipped:
         log.warning("skipped line %d: %s", n, why)
     mesh = tuple(int(x) for x in mesh)
+    if len(mesh) != 3:
+        raise ValueError(f"mesh={mesh}: give data,fsdp,tensor sizes, e.g. (1, 1, 1) or (-1, 1, 1)")
     devices = None if -1 in mesh else jax.devices()[:math.prod(mesh)]
     loaded = load(checkpoint, mesh=mesh, devices=devices, tokenizer=tokenizer, vqgan=vqgan)
     predictions = None
