@@ -13,6 +13,7 @@ exit; a finished run writes RUN/export (read by `chameleon_jax.vqgan.checkpoint.
     data.py      image batches through Grain: procedural shapes, or image folders / JSONL / tar shards
     step.py      the state (generator, discriminator, both Adam states, EMA, code usage) and the update
     evaluate.py  held-out PSNR / SSIM / codebook health / shape analyzer, and the comparison grid
+    report.py    the held-out report (eval.report): PNGs, metrics against a downsampling baseline, report.md
     budget.py    fitting the schedule to a wall-clock budget (`train.fit_to_budget`)
     task.py      the VQ-GAN as a `trainer.Task`; train, train_or_load
     settings.py  the config names shared with the language model (train.batch_size, checkpoint.every, ...)

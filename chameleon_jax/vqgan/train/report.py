@@ -13,13 +13,17 @@ them from the PNGs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
 from etils import epath
 from PIL import Image
 
+from chameleon_jax.vqgan import images as images_lib
 from chameleon_jax.vqgan.train import data, evaluate
+
+log = logging.getLogger(__name__)
 
 BASELINE_FACTOR = 16  # Chameleon's tokenizer downsamples 16×: one baseline pixel per code position
 
@@ -29,11 +33,14 @@ def heldout_images(data_config, eval_config) -> tuple[list[str], np.ndarray]:
     _, refs = data.split_inputs(data_config, eval_config)
     names, images = [], []
     for ref in refs:
-        loaded = data._Load(int(data_config.image_size))(ref)  # a logged skip if it cannot be decoded
-        if loaded is not None:
-            name = os.path.splitext(os.path.basename(ref if isinstance(ref, str) else ref[1]))[0]
-            names.append(name if name not in names else f"{name}_{len(names)}")
-            images.append(loaded["images"])
+        try:
+            images.append(data.load(ref, int(data_config.image_size)))
+        except images_lib.BadImage as e:  # as in training: a logged skip, never a crash
+            log.warning("skipping a held-out image that cannot be decoded: %s", e)
+            continue
+        path = ref if isinstance(ref, str) else ref[1] if isinstance(ref, data.TarMember) else f"image{len(names)}"
+        name = os.path.splitext(os.path.basename(path))[0]
+        names.append(name if name not in names else f"{name}_{len(names)}")
     if not images:
         raise ValueError("no held-out image could be decoded; check eval.inputs / data.inputs")
     return names, np.stack(images)
