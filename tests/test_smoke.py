@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chameleon_jax import smoke
-from chameleon_jax.smoke import stages
+from chameleon_jax.smoke import experiment, stages
 
 
 def _tiny_config():
@@ -77,6 +77,15 @@ def test_the_same_seed_gives_the_same_results(first_run, tmp_path):
     _, first = first_run
     second = smoke.run(_tiny_config(), tmp_path / "smoke_b")  # from nothing again, VQ-GAN included
     assert _comparable(second) == _comparable(first)
+
+
+def test_reevaluating_a_finished_run_gives_its_scores(first_run, tmp_path):
+    # Same model, same evaluation set, greedy decoding: the scores must be the run's own, and nothing retrains.
+    workdir, results = first_run
+    again = experiment.reevaluate(_tiny_config(), workdir, tmp_path / "again")
+    for key in ("eval_scenes", "captioning", "text_to_image", "vqa"):
+        assert again[key] == results[key], key
+    assert not (tmp_path / "again" / "train").exists() and (tmp_path / "again" / "report.md").stat().st_size > 0
 
 
 def test_changed_data_settings_rebuild_the_data_and_the_tokenizer(tmp_path):

@@ -1,5 +1,5 @@
 """python -m chameleon_jax.smoke --workdir DIR [--config experiments/smoke.py[:quick]] [--config.x.y=v]
-    [--vqgan_workdir DIR]
+    [--vqgan_workdir DIR] [--reevaluate FINISHED_RUN]
 
 Runs (or resumes) the smoke experiment in DIR and prints its headline scores; see chameleon_jax.smoke.
 """
@@ -17,6 +17,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; every stage is c
 _VQGAN_WORKDIR = flags.DEFINE_string(
     "vqgan_workdir", None, "VQ-GAN run to reuse or create (default WORKDIR/vqgan); a finished run is loaded, "
     "not retrained.")
+_REEVALUATE = flags.DEFINE_string(
+    "reevaluate", None, "A finished smoke run's workdir: score its model on the evaluation set of --config "
+    "(written to --workdir) instead of running the experiment; nothing is trained.")
 
 
 def main(argv):
@@ -31,7 +34,18 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    results = smoke.run(config, _WORKDIR.value, _VQGAN_WORKDIR.value)
+    if _REEVALUATE.value:
+        from chameleon_jax.smoke import experiment
+
+        results = experiment.reevaluate(config, _REEVALUATE.value, _WORKDIR.value)
+    else:
+        from chameleon_jax.smoke import experiment
+
+        try:
+            results = smoke.run(config, _WORKDIR.value, _VQGAN_WORKDIR.value)
+        except experiment.Interrupted as stopped:
+            logging.warning("%s", stopped)
+            raise SystemExit(143)  # as a SIGTERM'd process would
     print("\n" + smoke.summary(results, _WORKDIR.value))
 
 

@@ -2,6 +2,7 @@
 
     results = run(config, workdir)              # config: experiments/smoke.py's get_config()
     print(summary(results, workdir))
+    results = reevaluate(config, workdir, out)  # a finished run's model on today's evaluation set
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from pathlib import Path
 from chameleon_jax.smoke import evaluate, report, stages
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """A stage was stopped (SIGTERM: preemption or a user) after saving its checkpoint: nothing is scored;
+    the same command resumes."""
 
 
 def run(config, workdir, vqgan_workdir=None) -> dict:
@@ -57,6 +63,9 @@ def run(config, workdir, vqgan_workdir=None) -> dict:
     # What `python -m chameleon_jax.generate --workdir WORKDIR/train` needs besides the checkpoint.
     config.generate = {"tokenizer": tok_path, "vqgan": str(vq_dir)}
     result = runner.train(config, workdir / "train")
+    if result.preempted:  # an unfinished model must not be scored as the experiment's result
+        raise Interrupted(f"training stopped at step {result.step} of {config.train.steps} (checkpoint saved); "
+                          "rerun the same command to resume")
     stage("train")
 
     model_cfg = model_lib.ModelConfig.from_config(config.model)
@@ -84,6 +93,54 @@ def run(config, workdir, vqgan_workdir=None) -> dict:
     results["stage_s"], results["wall_s"] = stage_s, time.monotonic() - t0
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     report.write_report(workdir, results, gen["examples"], metrics, s.grid_examples)
+    return results
+
+
+def reevaluate(config, run_dir, out_dir) -> dict:
+    """Scores a finished smoke run's model (run_dir: its workdir) on the evaluation set that `config.smoke`
+    defines now, without retraining: the run's tokenizer, VQ-GAN and last checkpoint; evaluation scenes and
+    results in out_dir (results.json, report.md). A run trained without question turns answers nothing
+    sensible: set smoke.vqa=False for it."""
+    import jax
+
+    from chameleon_jax import checkpoint as ckpt
+    from chameleon_jax import model as model_lib
+    from chameleon_jax import text
+    from chameleon_jax.evals import checkpoint as eval_ckpt
+    from chameleon_jax.model import sharding as shd
+    from chameleon_jax.train import metrics as metrics_lib
+    from chameleon_jax.vqgan import checkpoint as vq_checkpoint
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    run_config = ckpt.read_config(run_dir / "train")
+    run_config.unlock()
+    run_config.mesh.update(data=-1, fsdp=1, tensor=1)
+    params, model_cfg, step_dir = eval_ckpt.restore_for_eval(run_dir / "train", run_config,
+                                                             shd.make_mesh(run_config.mesh))
+    params = jax.device_get(params)
+    graphdef, _ = model_lib.abstract(model_cfg)
+    vq_cfg, vq_params = vq_checkpoint.load(run_config.generate.vqgan)
+    tokenizer = text.load(run_config.generate.tokenizer, image_codes=vq_cfg.n_embed)
+    s = copy.deepcopy(config.smoke)
+    s.unlock()
+    s.seed = run_config.smoke.seed
+    stages.build_eval(s, out_dir / "eval")
+    gen = evaluate.evaluate_generation(s, graphdef, model_cfg, params, tokenizer, vq_cfg, vq_params, out_dir / "eval")
+    results = {
+        "seed": s.seed, "eval_scenes": gen["scenes"], "eval_seed": s.eval_seed,
+        "train_questions": run_config.smoke.get("train_questions", 0), "reevaluated": str(step_dir),
+        "captioning": gen["captioning"], "text_to_image": gen["text_to_image"],
+        **({"vqa": gen["vqa"]} if "vqa" in gen else {}), "perplexity": {},
+        "model": f"d={model_cfg.d_model}, {model_cfg.n_layers} layers, vocab {model_cfg.vocab_size}",
+        "train_steps": int(run_config.train.steps),
+        "tokens_per_step": run_config.train.batch_size * run_config.train.seq_len,
+        "stage_s": {"evaluate": time.monotonic() - t0}, "wall_s": time.monotonic() - t0,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_report(out_dir, results, gen["examples"], metrics_lib.read_metrics(run_dir / "train"),
+                        s.grid_examples)
     return results
 
 

@@ -169,7 +169,12 @@ def load_vqgan(s, run_dir: Path):
     if not vq_checkpoint.is_finished(run_dir):
         from chameleon_jax.vqgan import train as vq_train
 
-        vq_train.train(config, run_dir)  # resumes from the run's checkpoints if it was interrupted
+        result = vq_train.train(config, run_dir)  # resumes from the run's checkpoints if it was interrupted
+        if result.preempted:
+            from chameleon_jax.smoke.experiment import Interrupted
+
+            raise Interrupted(f"the VQ-GAN stopped at step {result.step} (checkpoint saved in {run_dir}); rerun "
+                              "the same command to resume")
     return vq_checkpoint.load(run_dir)
 
 
