@@ -157,6 +157,17 @@ class XlaChoice:
     reason: str
 
 
+# None yet. Measured 2026-12-02 on AMD EPYC with benchmarks/bench_xla_cpu_options.py (jaxlib 0.10.2):
+# - oneDNN dots (--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true
+#   --xla_cpu_experimental_onednn_fusion_type=dot), the candidate for Intel, where torch's own matmuls
+#   come from Intel's libraries: 5-15% more work per CPU-second than YNNPACK on the train step's matmul
+#   shapes, but 2.5-5x slower on decode's [1 or 16, 256] x [256, 65536] head, and the train step
+#   itself aborts when it first runs ("partition compile failed", a bug in XLA's computation
+#   partitioner), with XLA's new or old loop emitters alike;
+# - Eigen dots and convolutions (YNNPACK off): the same abort; the 64 px VQ encode 0.79x;
+# - 512-bit vectors in XLA's own loops: within noise.
+# So every vendor keeps XLA's default (YNNPACK). A flag that wins on one vendor goes here, with its
+# measurement, after bench_xla_cpu_options has shown it on that vendor.
 XLA_CHOICES: tuple[XlaChoice, ...] = ()
 
 
