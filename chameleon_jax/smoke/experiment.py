@@ -17,9 +17,7 @@ from chameleon_jax.smoke import evaluate, report, stages
 log = logging.getLogger(__name__)
 
 
-class Interrupted(Exception):
-    """A stage was stopped (SIGTERM: preemption or a user) after saving its checkpoint: nothing is scored;
-    the same command resumes."""
+Interrupted = stages.Interrupted  # what __main__ catches: a stage stopped, nothing scored, rerun resumes
 
 
 def run(config, workdir, vqgan_workdir=None) -> dict:

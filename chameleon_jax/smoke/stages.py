@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 
 
+class Interrupted(Exception):
+    """A stage was stopped (SIGTERM: preemption or a user) after saving its checkpoint: nothing is scored;
+    the same command resumes."""
+
+
 def load_config_file(spec: str):
     """`path.py[:arg]` -> its get_config(arg), as ml_collections' config_flags would."""
     import importlib.util
@@ -171,7 +176,6 @@ def load_vqgan(s, run_dir: Path):
 
         result = vq_train.train(config, run_dir)  # resumes from the run's checkpoints if it was interrupted
         if result.preempted:
-            from chameleon_jax.smoke.experiment import Interrupted
 
             raise Interrupted(f"the VQ-GAN stopped at step {result.step} (checkpoint saved in {run_dir}); rerun "
                               "the same command to resume")
