@@ -22,18 +22,23 @@ from chameleon_jax.generate import page
 from chameleon_jax.generate.answer import MODES, Decoding, Loaded, Request, generate_batch, prompt_ids, write_segments
 
 
-def read_prompts(path: str, default_mode: str = "mixed") -> tuple[list[Request], list[tuple[int, str]]]:
-    """(requests labelled by line number, [(line number, why skipped)])."""
-    requests, skipped = [], []
-    base = os.path.dirname(str(path))
+def jsonl_lines(path: str, skipped: list[tuple[int, str]]):
+    """(line number, parsed object) for each non-blank line; a line that is not JSON is added to
+    `skipped` with its number and reason instead."""
     for n, line in enumerate(epath.Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             skipped.append((n, f"not JSON ({e.msg})"))
-            continue
+
+
+def read_prompts(path: str, default_mode: str = "mixed") -> tuple[list[Request], list[tuple[int, str]]]:
+    """(requests labelled by line number, [(line number, why skipped)])."""
+    requests, skipped = [], []
+    base = os.path.dirname(str(path))
+    for n, obj in jsonl_lines(path, skipped):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             skipped.append((n, 'not an object with a "prompt" string'))
             continue

@@ -32,6 +32,7 @@ from etils import epath
 
 from chameleon_jax.evals import metrics, stats
 from chameleon_jax.generate.answer import Decoding, Loaded, Request, generate_batch, load, prompt_ids
+from chameleon_jax.generate.batch import jsonl_lines
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,7 @@ def read_eval_set(path: str, task: str) -> tuple[list[Item], list[tuple[int, str
                          "docs/evaluation.md)")
     items, skipped = [], []
     base = os.path.dirname(str(path))
-    for n, line in enumerate(epath.Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            skipped.append((n, f"not JSON ({e.msg})"))
-            continue
+    for n, obj in jsonl_lines(path, skipped):
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
             skipped.append((n, 'not an object with an "image" path'))
             continue
