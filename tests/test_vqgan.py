@@ -103,6 +103,24 @@ def test_l2_norm_lookup_equals_plain_lookup_on_a_unit_codebook():
     np.testing.assert_array_equal(c_l2, M.nearest_codes(book, z))
 
 
+def test_nearest_codes_is_argmin_first_index_on_ties_and_last_code_on_nan():
+    book = jax.random.normal(jax.random.key(5), (48, 8))
+    book = book.at[40].set(book[3]).at[17].set(book[9])  # duplicated codes: exact ties, the first must win
+    z = jnp.concatenate([jax.random.normal(jax.random.key(6), (200, 8)), book[jnp.array([3, 9, 40, 17])]])
+    # exact squared distances in float64, so the reference's ties are the codebook's own duplicates
+    d = ((np.asarray(z, np.float64)[:, None, :] - np.asarray(book, np.float64)[None]) ** 2).sum(-1)
+    codes = np.asarray(jax.jit(M.nearest_codes)(book, z))
+    np.testing.assert_array_equal(codes, d.argmin(-1))
+    assert list(codes[-4:]) == [3, 9, 3, 9]
+    bad = jax.jit(M.nearest_codes)(book, jnp.full((2, 8), jnp.nan))
+    np.testing.assert_array_equal(bad, [47, 47])  # in range (a valid token), as for any bad input
+
+
+def test_jit_encode_gives_the_codes_of_plain_jit(params):
+    x = _images(4, seed=7)
+    np.testing.assert_array_equal(M.jit_encode()(params, x), jax.jit(M.encode)(params, x))
+
+
 def test_encode_is_batch_sharded_and_matches_unsharded(params):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     x = _images(8, seed=4)
