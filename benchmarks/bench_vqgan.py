@@ -1,7 +1,8 @@
 """VQ-GAN encode/decode throughput: this JAX implementation vs HF transformers' ChameleonVQVAE.encode
 (torch CPU, same weights, best of 1 and 2 threads). HF has no decoder, so decode is reported alone.
-Ours shards the batch over one host device per core (`chameleon_jax.cpu`); the 512 px case uses batch 2
-so both sides can use both cores.
+Ours is `model.jit_encode` (the encoder with the XLA options the library picks for this CPU, printed
+at the end) with the batch sharded over one host device per core (`chameleon_jax.cpu`); the 512 px case
+uses batch 2 so both sides can use both cores.
 
     python benchmarks/bench_vqgan.py              # full Chameleon config at 512 px + the smoke config
     python benchmarks/bench_vqgan.py --quick      # smoke config only
