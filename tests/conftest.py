@@ -16,6 +16,23 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
 
+# Files of a minute or more of worker time (2 vCPUs, 2026-12-02), longest first. `--dist loadfile` hands
+# whole files to workers; xdist's default order, most tests first, left the long files with few tests
+# (2-process runs, TPU compiles) for last, so one worker ran them alone while the other sat idle.
+LONGEST_FILES_FIRST = ("test_multislice.py", "test_vqgan_train.py", "test_preemption.py", "test_runner.py",
+                       "test_smoke.py", "test_faults.py", "test_release_to_hf.py", "test_vqgan.py",
+                       "test_model.py", "test_init_checkpoint.py", "test_gcs.py", "test_generate_program.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist installed: keep the order set below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 
 @pytest.fixture(scope="session", autouse=True)
 def huge_page_malloc_for_started_programs():
