@@ -176,7 +176,6 @@ def load_vqgan(s, run_dir: Path):
 
         result = vq_train.train(config, run_dir)  # resumes from the run's checkpoints if it was interrupted
         if result.preempted:
-
             raise Interrupted(f"the VQ-GAN stopped at step {result.step} (checkpoint saved in {run_dir}); rerun "
                               "the same command to resume")
     return vq_checkpoint.load(run_dir)
